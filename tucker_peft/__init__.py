@@ -1,0 +1,38 @@
+"""tucker_peft: parameter-efficient fine-tuning with tensor-decomposed weight changes.
+
+The core is backend-agnostic: every function dispatches on the arrays it is
+given (NumPy, PyTorch, CuPy, array-api-strict...). Importing it never imports
+torch or cupy; framework bindings live in :mod:`tucker_peft.backends`.
+"""
+
+from . import ranks
+from ._base import Cost, Parametrization, kinds, parametrization, register
+from ._decomp import hooi, hosvd, multilinear_project, parafac
+from ._errors import BackendMismatchError, InitError, ParamsError, RankError, TuckerPeftError
+from ._version import __version__
+from .cp import CP
+from .lora import LoRA
+from .tucker import Tucker, Tucker2
+
+__all__ = [
+    "__version__",
+    "Parametrization",
+    "Cost",
+    "Tucker",
+    "Tucker2",
+    "CP",
+    "LoRA",
+    "parametrization",
+    "register",
+    "kinds",
+    "hosvd",
+    "hooi",
+    "parafac",
+    "multilinear_project",
+    "ranks",
+    "TuckerPeftError",
+    "RankError",
+    "ParamsError",
+    "BackendMismatchError",
+    "InitError",
+]

@@ -1,0 +1,214 @@
+"""HOSVD, HOOI and CP fitting, written against the array API.
+
+The leading singular vectors of a mode-n unfolding come from an
+eigendecomposition of its small Gram matrix ``X_(n) X_(n)ᵀ`` (``I_n × I_n``),
+never from an SVD of the wide unfolding itself. HOSVD is sequentially
+truncated (ST-HOSVD): after each mode the tensor is projected onto its factor,
+so later Gram products run on a smaller tensor. The mode order is chosen to
+minimise that work.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from typing import Any, Sequence
+
+from array_api_compat import device
+
+from ._dispatch import contract, namespace, to_numpy
+from ._errors import TuckerPeftError, fmt_shape
+
+__all__ = ["hosvd", "hooi", "parafac", "multilinear_project"]
+
+
+def _fix_signs(xp: Any, u: Any) -> Any:
+    """Make each column's cubed sum non-negative, so results agree across libraries."""
+    s = xp.sign(xp.sum(u * u * u, axis=0))
+    return u * xp.where(s == 0, xp.ones_like(s), s)
+
+
+def _unfold_gram(xp: Any, x: Any, n: int) -> Any:
+    other = tuple(i for i in range(x.ndim) if i != n)
+    return xp.tensordot(x, x, axes=(other, other))
+
+
+def leading_left_singular(xp: Any, x: Any, n: int, r: int) -> tuple[Any, Any]:
+    """Top-``r`` left singular vectors of the mode-``n`` unfolding and their σ².
+
+    Returns ``(U, sigma2)`` with ``U`` of shape ``(I_n, r)`` (orthonormal
+    columns) and ``sigma2`` of shape ``(I_n,)`` holding all squared singular
+    values in descending order.
+    """
+    size = x.shape[n]
+    k = math.prod(x.shape) // size
+    if size > k and r <= k:
+        # Tall unfolding: its economy SVD costs I_n·k², less than the I_n² Gram.
+        m = xp.reshape(xp.permute_dims(x, (n, *[i for i in range(x.ndim) if i != n])), (size, k))
+        u, s, _ = xp.linalg.svd(m, full_matrices=False)
+        sigma2 = xp.concat([s * s, xp.zeros(size - k, dtype=s.dtype, device=device(s))])
+        return _fix_signs(xp, u[:, :r]), sigma2
+    w, v = xp.linalg.eigh(_unfold_gram(xp, x, n))
+    u = xp.flip(v[:, size - r:], axis=1)
+    sigma2 = xp.flip(xp.where(w > 0, w, xp.zeros_like(w)), axis=0)
+    return _fix_signs(xp, u), sigma2
+
+
+def _project_mode(xp: Any, x: Any, u: Any, n: int) -> Any:
+    """``x ×_n uᵀ``: mode ``n`` of size I_n becomes r_n, kept in place."""
+    y = xp.tensordot(x, u, axes=([n], [0]))
+    perm = list(range(n)) + [x.ndim - 1] + list(range(n, x.ndim - 1))
+    return xp.permute_dims(y, tuple(perm))
+
+
+def multilinear_project(tensor: Any, factors: Sequence[Any | None]) -> Any:
+    """Core ``tensor ×_n U_nᵀ`` for every mode with a factor (planned contraction)."""
+    from opt_einsum import get_symbol
+
+    nd = tensor.ndim
+    modes = "".join(get_symbol(i) for i in range(nd))
+    terms, ops, out = [modes], [tensor], []
+    for n, u in enumerate(factors):
+        if u is None:
+            out.append(modes[n])
+        else:
+            terms.append(modes[n] + get_symbol(nd + n))
+            ops.append(u)
+            out.append(get_symbol(nd + n))
+    return contract(",".join(terms) + "->" + "".join(out), *ops)
+
+
+@functools.lru_cache(maxsize=1024)
+def _st_order(shape: tuple[int, ...], ranks: tuple[int | None, ...]) -> tuple[int, ...]:
+    """Mode order of ST-HOSVD with the fewest Gram and projection FLOPs."""
+    modes = [n for n, r in enumerate(ranks) if r is not None]
+
+    def cost(order: Sequence[int]) -> float:
+        dims, total = list(shape), 0.0
+        for n in order:
+            size = math.prod(dims)
+            i, r = dims[n], ranks[n]
+            k = size // i
+            total += (i * k * k if i > k and r <= k else i * size) + r * size  # type: ignore[operator]
+            dims[n] = r  # type: ignore[assignment]
+        return total
+
+    if len(modes) <= 6:
+        return min(itertools.permutations(modes), key=cost)
+    order, left = [], list(modes)
+    while left:  # greedy beyond 6 modes
+        best = min(left, key=lambda m: cost(order + [m]))
+        order.append(best)
+        left.remove(best)
+    return tuple(order)
+
+
+def _ranks_for(tensor: Any, ranks: Any) -> tuple[int | None, ...]:
+    from .tucker import Tucker
+
+    return Tucker(tuple(tensor.shape), ranks).ranks
+
+
+def hosvd(tensor: Any, ranks: Any, *, sequential: bool = True) -> tuple[Any, tuple[Any | None, ...]]:
+    """Truncated higher-order SVD.
+
+    Parameters
+    ----------
+    tensor : array, shape ``(I_1, ..., I_N)``
+    ranks : int or sequence of (int or None)
+        As for :class:`tucker_peft.Tucker`; ``None`` leaves a mode unfactorised.
+    sequential : bool
+        ST-HOSVD (default): project after each mode, in the cheapest mode
+        order. ``False`` gives the classic HOSVD, every factor from the
+        original tensor.
+
+    Returns
+    -------
+    core : array, shape ``(r_1, ..., r_N)`` (``I_n`` where the rank is None)
+        ``tensor ×_n U_nᵀ`` for all factored modes.
+    factors : tuple of (array of shape ``(I_n, r_n)`` or None)
+        Orthonormal columns.
+
+    Notes
+    -----
+    The squared error is at most Σ_n Σ_{i>r_n} σ²_{n,i}, the discarded squared
+    singular values of the unfoldings of ``tensor``, in both variants.
+    """
+    xp = namespace(tensor, what=("tensor",))
+    rk = _ranks_for(tensor, ranks)
+    factors: list[Any | None] = [None] * tensor.ndim
+    if sequential:
+        core = tensor
+        for n in _st_order(tuple(tensor.shape), rk):
+            u, _ = leading_left_singular(xp, core, n, rk[n])  # type: ignore[arg-type]
+            factors[n] = u
+            core = _project_mode(xp, core, u, n)
+        return core, tuple(factors)
+    for n, r in enumerate(rk):
+        if r is not None:
+            factors[n] = leading_left_singular(xp, tensor, n, r)[0]
+    return multilinear_project(tensor, factors), tuple(factors)
+
+
+def hooi(tensor: Any, ranks: Any, *, n_iter: int = 10, tol: float = 1e-8) -> tuple[Any, tuple[Any | None, ...]]:
+    """Higher-order orthogonal iteration, started from :func:`hosvd`.
+
+    Each sweep refits every factor to the tensor projected on all the others.
+    Stops after ``n_iter`` sweeps or when ``‖core‖²`` (which equals
+    ``‖tensor‖² − error²``) grows by less than ``tol`` relative.
+
+    Returns ``(core, factors)`` as :func:`hosvd`.
+    """
+    xp = namespace(tensor, what=("tensor",))
+    rk = _ranks_for(tensor, ranks)
+    if n_iter < 0:
+        raise TuckerPeftError(f"n_iter: expected an int >= 0, got {n_iter!r}")
+    core, factors_t = hosvd(tensor, rk)
+    factors = list(factors_t)
+    modes = [n for n, r in enumerate(rk) if r is not None]
+    prev = float(xp.sum(core * core))
+    for _ in range(n_iter):
+        for n in modes:
+            others = [u if m != n else None for m, u in enumerate(factors)]
+            y = multilinear_project(tensor, others)
+            factors[n] = leading_left_singular(xp, y, n, rk[n])[0]  # type: ignore[arg-type]
+        core = multilinear_project(tensor, factors)
+        cur = float(xp.sum(core * core))
+        if cur - prev <= tol * max(cur, 1e-300):
+            break
+        prev = cur
+    return core, tuple(factors)
+
+
+def parafac(tensor: Any, rank: int, *, n_iter: int = 100, tol: float = 1e-8, seed: int | None = 0) -> tuple[Any, tuple[Any, ...]]:
+    """CP decomposition by alternating least squares (delegates to tensorly).
+
+    Starts from the leading singular vectors of each unfolding (tensorly's
+    ``init='svd'``). The fit runs on the host with tensorly's NumPy backend,
+    inside a local backend context, and the result returns to ``tensor``'s
+    library, device and dtype.
+
+    Returns
+    -------
+    weights : array, shape ``(rank,)``
+    factors : tuple of arrays, shapes ``(I_n, rank)``, unit-norm columns
+    """
+    import numpy as np
+    import tensorly as tl
+    from tensorly.decomposition import parafac as tl_parafac
+
+    from .cp import CP
+
+    xp = namespace(tensor, what=("tensor",))
+    rank = CP(tuple(tensor.shape), rank).rank
+    host = np.asarray(to_numpy(tensor), dtype=np.float64)
+    if tensor.ndim == 1:
+        raise TuckerPeftError(f"tensor: CP fitting needs at least 2 modes, got shape {fmt_shape(tensor.shape)}")
+    with tl.backend_context("numpy"):
+        cp = tl_parafac(host, rank, n_iter_max=n_iter, init="svd", tol=tol, normalize_factors=True,
+                        random_state=seed)
+    def back(a: Any) -> Any:
+        return xp.asarray(np.ascontiguousarray(a), dtype=tensor.dtype, device=device(tensor))
+
+    return back(cp.weights), tuple(back(f) for f in cp.factors)

@@ -1,0 +1,1 @@
+"""Framework bindings. Each submodule imports its framework; this package imports none."""

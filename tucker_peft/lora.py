@@ -1,0 +1,91 @@
+"""Flattened LoRA: the matrix baseline applied to the mode-0 unfolding."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Callable, ClassVar, Mapping
+
+import numpy as np
+
+from ._base import Params, Parametrization, check_rank, check_shape, register
+from ._dispatch import ArrayContext, namespace
+from ._errors import TuckerPeftError
+
+__all__ = ["LoRA"]
+
+
+@dataclass(frozen=True)
+class LoRA(Parametrization):
+    """ΔW = s · reshape(B @ A, shape), W matricised as ``(I_1, I_2·…·I_N)``.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Weight shape; a conv kernel ``(out, in/groups, *kernel)`` becomes the
+        ``(out, in/groups·Πkernel)`` matrix PEFT uses.
+    rank : int
+        In ``[1, min(I_1, I_2·…·I_N)]``.
+
+    Notes
+    -----
+    Params: ``'B'`` of shape ``(I_1, r)`` and ``'A'`` of shape
+    ``(r, I_2·…·I_N)``, as PEFT's ``lora_B`` and ``lora_A``.
+    ``num_params = r · (I_1 + I_2·…·I_N)``.
+    """
+
+    rank: int = None  # type: ignore[assignment]
+
+    kind: ClassVar[str] = "lora"
+    init_methods: ClassVar[Mapping[str, str]] = {"zero": "zero", "random": "random", "svd": "svd", "hosvd": "svd"}
+    tensor_methods: ClassVar[frozenset[str]] = frozenset({"svd"})
+
+    def __post_init__(self) -> None:
+        shape = check_shape(self.shape)
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "rank", check_rank(self.rank, f"rank (LoRA of shape {shape})", 1, min(shape[0], self._k(shape))))
+
+    @staticmethod
+    def _k(shape: tuple[int, ...]) -> int:
+        return math.prod(shape[1:])
+
+    @cached_property
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:  # type: ignore[override]
+        return {"B": (self.shape[0], self.rank), "A": (self.rank, self._k(self.shape))}
+
+    def _terms(self) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+        r = self._rank(0)
+        return (("B", (self.shape[0], self.rank), self._mode(0) + r),
+                ("A", (self.rank, *self.shape[1:]), r + self._out[1:]))
+
+    def _init(self, method: str, ctx: ArrayContext, rng: np.random.Generator, tensor: Any,
+              scale: float, options: dict[str, Any]) -> Params:
+        k = self._k(self.shape)
+        if method == "zero":
+            # As PEFT: B = 0, A ~ Kaiming-uniform U(±1/√fan_in).
+            return {"B": ctx.zeros((self.shape[0], self.rank)),
+                    "A": ctx.asarray(rng.uniform(-1, 1, (self.rank, k)) / math.sqrt(k))}
+        if method == "random":
+            return {"B": ctx.asarray(rng.standard_normal((self.shape[0], self.rank)) / math.sqrt(self.rank)),
+                    "A": ctx.asarray(rng.uniform(-1, 1, (self.rank, k)) / math.sqrt(k))}
+        core_mode = self._core_option(options)
+        txp = namespace(tensor)
+        u, s, vh = txp.linalg.svd(txp.reshape(tensor, (self.shape[0], k)), full_matrices=False)
+        u, s, vh = u[:, : self.rank], s[: self.rank], vh[: self.rank, :]
+        if core_mode == "zero":
+            return {"B": ctx.zeros((self.shape[0], self.rank)), "A": self._cast(ctx, vh)}
+        # PiSSA split: B = ±U·√(S/|s|), A = √(S/|s|)·Vᵀ, so s·B@A is the rank-r truncation.
+        root = txp.sqrt(s / abs(scale))
+        return {"B": self._cast(ctx, u * (root * (1.0 if scale > 0 else -1.0))), "A": self._cast(ctx, root[:, None] * vh)}
+
+    @classmethod
+    def budget_family(cls, shape: tuple[int, ...], **unknown: Any) -> tuple[Callable[[int], "Parametrization"], int]:
+        """``f(t) = LoRA(shape, t)``."""
+        if unknown:
+            raise TuckerPeftError(f"unexpected constraints for kind 'lora': {sorted(unknown)}; it takes none")
+        shape = check_shape(shape)
+        return (lambda t: cls(shape, t)), min(shape[0], cls._k(shape))
+
+
+register("lora", LoRA)

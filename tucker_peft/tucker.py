@@ -1,0 +1,203 @@
+"""Tucker (FLoRA) and Tucker-2 parametrisations."""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import numpy as np
+
+from ._base import Params, Parametrization, check_rank, check_shape, register
+from ._decomp import hooi, hosvd
+from ._dispatch import ArrayContext
+from ._errors import RankError, TuckerPeftError, fmt_shape
+
+__all__ = ["Tucker", "Tucker2"]
+
+
+def _normalize_ranks(shape: tuple[int, ...], ranks: Any) -> tuple[int | None, ...]:
+    if ranks is None:
+        return (None,) * len(shape)
+    if isinstance(ranks, bool):
+        raise RankError(f"ranks: expected an int or a sequence of {len(shape)} ints/None, got {ranks!r}")
+    if isinstance(ranks, (int, np.integer)):
+        r = check_rank(ranks, "ranks", 1, sys.maxsize)  # broadcast ints are clipped, never rejected
+        return tuple(min(r, d) for d in shape)
+    if isinstance(ranks, str) or not isinstance(ranks, Sequence):
+        raise RankError(f"ranks: expected an int or a sequence of {len(shape)} ints/None, got {ranks!r}")
+    if len(ranks) != len(shape):
+        raise RankError(
+            f"ranks: expected {len(shape)} values (one per mode of shape {fmt_shape(shape)}), got {len(ranks)}: {tuple(ranks)!r}"
+        )
+    return tuple(
+        None if r is None else check_rank(r, f"ranks[{n}] (mode of size {d})", 1, d)
+        for n, (r, d) in enumerate(zip(ranks, shape))
+    )
+
+
+@dataclass(frozen=True)
+class Tucker(Parametrization):
+    """ΔW = s · G ×_1 U_1 ×_2 U_2 … ×_N U_N (FLoRA).
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Weight shape ``(I_1, ..., I_N)``, e.g. ``(out, in/groups, *kernel)``.
+    ranks : int, sequence of (int or None), or None
+        One int broadcast to every mode (clipped to each mode's size), or one
+        value per mode in ``[1, I_n]``. ``None`` leaves a mode unfactorised:
+        an identity factor with no parameters, so the core keeps size ``I_n``
+        there. ``Tucker(shape, (r, r, None, None))`` is Tucker-2 on a conv.
+
+    Notes
+    -----
+    Params: ``'core'`` of shape ``(r_1 or I_1, ..., r_N or I_N)`` and
+    ``'factor_n'`` of shape ``(I_n, r_n)`` for each factored mode ``n``.
+    ``num_params = Π_n r_n + Σ_n I_n r_n`` (with ``r_n = I_n`` and no factor
+    term where the rank is None).
+    """
+
+    ranks: tuple[int | None, ...] = None  # type: ignore[assignment]
+
+    kind: ClassVar[str] = "tucker"
+    init_methods: ClassVar[Mapping[str, str]] = {"zero": "zero", "random": "random", "hosvd": "hosvd", "hooi": "hooi"}
+    tensor_methods: ClassVar[frozenset[str]] = frozenset({"hosvd", "hooi"})
+
+    def __post_init__(self) -> None:
+        shape = check_shape(self.shape)
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "ranks", _normalize_ranks(shape, self.ranks))
+
+    @cached_property
+    def core_shape(self) -> tuple[int, ...]:
+        return tuple(d if r is None else r for d, r in zip(self.shape, self.ranks))
+
+    @cached_property
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:  # type: ignore[override]
+        out = {"core": self.core_shape}
+        out.update({f"factor_{n}": (d, r) for n, (d, r) in enumerate(zip(self.shape, self.ranks)) if r is not None})
+        return out
+
+    def _terms(self) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+        core = "".join(self._mode(n) if r is None else self._rank(n) for n, r in enumerate(self.ranks))
+        terms = [("core", self.core_shape, core)]
+        terms += [(f"factor_{n}", (d, r), self._mode(n) + self._rank(n))
+                  for n, (d, r) in enumerate(zip(self.shape, self.ranks)) if r is not None]
+        return tuple(terms)
+
+    def _init(self, method: str, ctx: ArrayContext, rng: np.random.Generator, tensor: Any,
+              scale: float, options: dict[str, Any]) -> Params:
+        if method in ("zero", "random"):
+            params: Params = {}
+            if method == "zero":
+                params["core"] = ctx.zeros(self.core_shape)
+            else:
+                params["core"] = ctx.asarray(rng.standard_normal(self.core_shape))
+            for n, (d, r) in enumerate(zip(self.shape, self.ranks)):
+                if r is not None:
+                    # Kaiming-uniform as PEFT's lora_A: U(±1/√fan), fan = I_n.
+                    params[f"factor_{n}"] = ctx.asarray(rng.uniform(-1, 1, (d, r)) / math.sqrt(d))
+            return params
+        core_mode = self._core_option(options)
+        if method == "hosvd":
+            core, factors = hosvd(tensor, self.ranks, sequential=options.pop("sequential", True))
+        else:
+            core, factors = hooi(tensor, self.ranks, n_iter=options.pop("n_iter", 10), tol=options.pop("tol", 1e-8))
+        params = {"core": self._cast(ctx, core / scale) if core_mode == "project" else ctx.zeros(self.core_shape)}
+        params.update({f"factor_{n}": self._cast(ctx, u) for n, u in enumerate(factors) if u is not None})
+        return params
+
+    @classmethod
+    def budget_family(cls, shape: tuple[int, ...], *, split: str = "equal", kernel: str = "free",
+                      fixed: Mapping[int, int | None] | None = None, **unknown: Any) -> tuple[Callable[[int], "Parametrization"], int]:
+        """Ranks grow with ``t``: ``split='equal'`` gives ``min(t, I_n)``;
+        ``'proportional'`` gives ``⌈t·I_n/I_max⌉``.
+
+        ``kernel`` applies to modes 2.. (the spatial modes of a conv):
+        ``'free'`` lets them grow like the others, ``'full'`` keeps them at
+        full rank, ``'none'`` leaves them unfactorised (Tucker-2). ``fixed``
+        pins modes to a rank or None.
+        """
+        if unknown:
+            raise TuckerPeftError(f"unexpected constraints for kind 'tucker': {sorted(unknown)}; "
+                                  "expected split=, kernel=, fixed=")
+        shape = check_shape(shape)
+        pinned = _pinned(shape, kernel, fixed)
+        return _family(cls, shape, pinned, split)
+
+
+def _pinned(shape: tuple[int, ...], kernel: str, fixed: Mapping[int, int | None] | None) -> dict[int, int | None]:
+    if kernel not in ("free", "full", "none"):
+        raise TuckerPeftError(f"kernel: expected 'free', 'full' or 'none', got {kernel!r}")
+    pinned: dict[int, int | None] = {}
+    if kernel != "free":
+        pinned.update({n: (shape[n] if kernel == "full" else None) for n in range(2, len(shape))})
+    for n, r in dict(fixed or {}).items():
+        if not isinstance(n, int) or not -len(shape) <= n < len(shape):
+            raise TuckerPeftError(f"fixed: expected mode indices in [0, {len(shape)}), got {n!r}")
+        pinned[n % len(shape)] = None if r is None else check_rank(r, f"fixed[{n}]", 1, shape[n])
+    return pinned
+
+
+def _family(cls: Any, shape: tuple[int, ...], pinned: dict[int, int | None], split: str,
+            build: Callable[[tuple[int | None, ...]], Parametrization] | None = None) -> tuple[Callable[[int], Parametrization], int]:
+    if split not in ("equal", "proportional"):
+        raise TuckerPeftError(f"split: expected 'equal' or 'proportional', got {split!r}")
+    free = [n for n in range(len(shape)) if n not in pinned]
+    top = max((shape[n] for n in free), default=1)
+    make = build or (lambda ranks: cls(shape, ranks))
+
+    def f(t: int) -> Parametrization:
+        ranks: list[int | None] = [None] * len(shape)
+        for n, r in pinned.items():
+            ranks[n] = r
+        for n in free:
+            ranks[n] = min(t, shape[n]) if split == "equal" else min(shape[n], max(1, -(-t * shape[n] // top)))
+        return make(tuple(ranks))
+
+    return f, top
+
+
+@dataclass(frozen=True)
+class Tucker2(Tucker):
+    """Tucker on the two channel modes only; modes 2.. stay unfactorised.
+
+    ``Tucker2(shape, r)`` equals ``Tucker(shape, (r, r, None, ...))`` (ranks
+    clipped); this is the conv adapter of LyCORIS ``use_tucker`` and of PEFT
+    LoHa's ``use_effective_conv2d``. ``ranks`` may also be a pair.
+    """
+
+    kind: ClassVar[str] = "tucker2"
+
+    def __post_init__(self) -> None:
+        shape = check_shape(self.shape)
+        r = self.ranks
+        lead = min(2, len(shape))
+        if isinstance(r, (int, np.integer)) and not isinstance(r, bool):
+            r = check_rank(r, "ranks", 1, sys.maxsize)
+            head: tuple[Any, ...] = tuple(min(r, d) for d in shape[:lead])
+        elif isinstance(r, Sequence) and not isinstance(r, str) and len(r) == len(shape) and all(x is None for x in r[lead:]):
+            head = tuple(r[:lead])
+        elif isinstance(r, Sequence) and not isinstance(r, str) and len(r) == lead:
+            head = tuple(r)
+        else:
+            raise RankError(f"ranks: expected an int or {lead} values for the channel modes of Tucker-2, got {r!r}")
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "ranks", head + (None,) * (len(shape) - lead))
+        super().__post_init__()
+
+    @classmethod
+    def budget_family(cls, shape: tuple[int, ...], *, split: str = "equal",
+                      fixed: Mapping[int, int | None] | None = None, **unknown: Any) -> tuple[Callable[[int], "Parametrization"], int]:
+        if unknown:
+            raise TuckerPeftError(f"unexpected constraints for kind 'tucker2': {sorted(unknown)}; expected split=, fixed=")
+        shape = check_shape(shape)
+        pinned = _pinned(shape, "none", fixed)
+        return _family(cls, shape, pinned, split, build=lambda ranks: cls(shape, ranks))
+
+
+register("tucker", Tucker)
+register("tucker2", Tucker2)
