@@ -309,6 +309,62 @@ class Parametrization(ABC):
             raise TuckerPeftError(f"strategy: expected 'auto', 'factorized' or 'rebuild', got {strategy!r}")
         return xp.reshape(y, (*lead, self.shape[0]))
 
+    @cached_property
+    def _apply_vjp_eqs(self) -> tuple[tuple[str, ...], str]:
+        batch = self._sym(2 * self.ndim)
+        x, g = batch + self._out[1:], batch + self._out[0]
+        subs = [s for _, _, s in self._term_list]
+        params = tuple(",".join([x, g] + subs[:k] + subs[k + 1:]) + "->" + subs[k] for k in range(len(subs)))
+        return params, ",".join([g] + subs) + "->" + x
+
+    def apply_vjp(self, params: Mapping[str, Any], x: Any, grad_out: Any, scale: float = 1.0,
+                  strategy: str = "auto") -> tuple[Params, Any]:
+        """Gradients of ⟨grad_out, apply(params, x)⟩ for the params and for ``x``.
+
+        Parameters
+        ----------
+        x : array, shape ``(*batch, *shape[1:])``
+        grad_out : array, shape ``(*batch, shape[0])``
+        strategy : {'auto', 'factorized', 'rebuild'}
+            ``'rebuild'`` forms ∂L/∂ΔW = grad_outᵀ x and calls :meth:`vjp`;
+            ``'factorized'`` contracts the factors directly.
+
+        Returns
+        -------
+        param_grads : dict of str to array
+        x_grad : array, shape of ``x``
+        """
+        xp = self.check_params(params, ("x", x), ("grad_out", grad_out))
+        tail = self.shape[1:]
+        lead = tuple(x.shape[: x.ndim - len(tail)])
+        if x.ndim < len(tail) or tuple(x.shape[x.ndim - len(tail):]) != tail:
+            raise ParamsError(f"x: expected shape (*batch, {', '.join(map(str, tail))}), got {fmt_shape(x.shape)}")
+        if tuple(grad_out.shape) != (*lead, self.shape[0]):
+            raise ParamsError(f"grad_out: expected shape {fmt_shape((*lead, self.shape[0]))}, got {fmt_shape(grad_out.shape)}")
+        n = math.prod(lead)
+        if strategy == "auto":
+            c = self.cost(n)
+            strategy = "factorized" if c.apply_factorized < c.apply_rebuild else "rebuild"
+        x2 = xp.reshape(x, (n, *tail))
+        g2 = xp.reshape(grad_out, (n, self.shape[0]))
+        if strategy == "rebuild":
+            k = math.prod(tail)
+            dw = xp.reshape(self.reconstruct(params, scale), (self.shape[0], k))
+            x_grad = xp.matmul(g2, dw)
+            ct = xp.reshape(xp.matmul(xp.matrix_transpose(g2), xp.reshape(x2, (n, k))), self.shape)
+            return self.vjp(params, ct, scale), xp.reshape(x_grad, x.shape)
+        if strategy != "factorized":
+            raise TuckerPeftError(f"strategy: expected 'auto', 'factorized' or 'rebuild', got {strategy!r}")
+        ops = self._operands(xp, params)
+        peqs, xeq = self._apply_vjp_eqs
+        grads: Params = {}
+        for k, ((name, _, _), eq) in enumerate(zip(self._term_list, peqs)):
+            gk = contract(eq, *self._fold_scale([x2, g2] + ops[:k] + ops[k + 1:], scale))
+            want = self.param_shapes[name]
+            grads[name] = gk if tuple(gk.shape) == want else xp.reshape(gk, want)
+        x_grad = contract(xeq, *self._fold_scale([g2] + ops, scale))
+        return grads, xp.reshape(x_grad, x.shape)
+
     def cost(self, n: int = 1) -> Cost:
         """FLOPs of reconstruction, vjp, and of applying ΔW to ``n`` inputs both ways."""
         views = self._views
