@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, settings
 
 settings.register_profile(
     "ci", max_examples=40, derandomize=True, deadline=None, print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
 )
 settings.register_profile(
     "heavy", max_examples=600, deadline=None, print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
 )
 settings.load_profile(os.environ.get("TUCKER_PEFT_HYPOTHESIS_PROFILE", "ci"))
 

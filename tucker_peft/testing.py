@@ -64,7 +64,7 @@ def specs(draw: Any, kinds: Sequence[str] = KINDS, shape: Sequence[int] | None =
           shape_strategy: st.SearchStrategy[tuple[int, ...]] | None = None) -> Parametrization:
     """A valid spec of one of ``kinds`` on ``shape`` (or a drawn shape)."""
     kind = draw(st.sampled_from(list(kinds)))
-    shp = tuple(shape) if shape is not None else draw(shape_strategy or shapes())
+    shp = tuple(shape) if shape is not None else draw(shape_strategy if shape_strategy is not None else shapes())
     if kind == "tucker":
         return lookup(kind)(shp, draw(tucker_ranks(shp)))
     if kind == "tucker2":
