@@ -96,7 +96,8 @@ def _st_order(shape: tuple[int, ...], ranks: tuple[int | None, ...]) -> tuple[in
 
     if len(modes) <= 6:
         return min(itertools.permutations(modes), key=cost)
-    order, left = [], list(modes)
+    order: list[int] = []
+    left = list(modes)
     while left:  # greedy beyond 6 modes
         best = min(left, key=lambda m: cost(order + [m]))
         order.append(best)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "TuckerPeftError",
     "RankError",
@@ -31,9 +33,9 @@ class InitError(TuckerPeftError):
     """An initialisation that cannot be carried out (unknown method, bad tensor)."""
 
 
-def fmt_shape(shape: object) -> str:
+def fmt_shape(shape: Any) -> str:
     """Render a shape as ``(a, b, c)`` for messages."""
     try:
-        return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"  # type: ignore[arg-type]
+        return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
     except TypeError:
         return repr(shape)

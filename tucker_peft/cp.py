@@ -9,7 +9,7 @@ from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 
-from ._base import Params, Parametrization, check_rank, check_shape, register
+from ._base import Parametrization, Params, check_rank, check_shape, register
 from ._decomp import parafac
 from ._dispatch import ArrayContext
 from ._errors import TuckerPeftError
@@ -54,7 +54,7 @@ class CP(Parametrization):
 
     @cached_property
     def param_shapes(self) -> dict[str, tuple[int, ...]]:  # type: ignore[override]
-        out = {"weights": (self.rank,)}
+        out: dict[str, tuple[int, ...]] = {"weights": (self.rank,)}
         out.update({f"factor_{n}": (d, self.rank) for n, d in enumerate(self.shape)})
         return out
 

@@ -9,7 +9,7 @@ from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 
-from ._base import Params, Parametrization, check_rank, check_shape, register
+from ._base import Parametrization, Params, check_rank, check_shape, register
 from ._dispatch import ArrayContext, namespace
 from ._errors import TuckerPeftError
 

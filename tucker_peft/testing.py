@@ -75,13 +75,14 @@ def specs(draw: Any, kinds: Sequence[str] = KINDS, shape: Sequence[int] | None =
     if kind == "lora":
         return lookup(kind)(shp, draw(st.integers(1, min(shp[0], math.prod(shp[1:])))))
     # A third-party kind: draw from its budget family.
-    f, t_max = lookup(kind).budget_family(shp)
+    f, t_max = lookup(kind).budget_family(shp)  # type: ignore[attr-defined]
     return f(draw(st.integers(1, t_max)))
 
 
 def _floats(dtype: str) -> st.SearchStrategy[float]:
-    width = 32 if dtype == "float32" else 64
-    return st.floats(-2, 2, allow_nan=False, allow_infinity=False, width=width)
+    if dtype == "float32":
+        return st.floats(-2, 2, allow_nan=False, allow_infinity=False, width=32)
+    return st.floats(-2, 2, allow_nan=False, allow_infinity=False)
 
 
 def arrays_for(shape: Sequence[int], xp: Any = None, dtype: str = "float64",

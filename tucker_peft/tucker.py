@@ -10,7 +10,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from ._base import Params, Parametrization, check_rank, check_shape, register
+from ._base import Parametrization, Params, check_rank, check_shape, register
 from ._decomp import hooi, hosvd
 from ._dispatch import ArrayContext
 from ._errors import RankError, TuckerPeftError, fmt_shape
