@@ -207,3 +207,19 @@ def test_cost_formulas():
     assert c.apply_rebuild == c.reconstruct + 2 * 10_000 * 256 * 256 * 9
     assert c.best_apply == "factorized"
     assert tp.LoRA((8, 8), 8).cost(n=1000).best_apply == "rebuild"
+
+
+def test_einsum_with_an_index_summed_inside_one_operand_is_rejected():
+    from tucker_peft._dispatch import contract_vjp
+
+    a = np.ones((3, 4, 2))
+    with pytest.raises(TuckerPeftError, match=r"index 'z' of term 'abz' is summed without meeting another operand"):
+        contract_vjp("abz->ab", [a], np.ones((3, 4)))
+
+
+def test_vjp_cost_is_about_two_largest_products():
+    t = tp.Tucker((1024, 512, 3, 3, 3), (64, 64, 3, 3, 3))
+    largest = 2 * 1024 * 512 * 27 * 64
+    c = t.cost()
+    assert largest <= c.reconstruct < 1.2 * largest
+    assert 2 * largest <= c.vjp < 2.5 * largest

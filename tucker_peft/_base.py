@@ -20,7 +20,7 @@ import opt_einsum
 from array_api_compat import to_device
 
 from . import _dispatch
-from ._dispatch import ArrayContext, contract, plan_cost
+from ._dispatch import ArrayContext, contract, contract_vjp, plan_cost, vjp_cost
 from ._errors import InitError, ParamsError, RankError, TuckerPeftError, fmt_shape
 
 __all__ = ["Parametrization", "Cost", "register", "parametrization", "kinds"]
@@ -174,11 +174,6 @@ class Parametrization(ABC):
         return ",".join(s for _, _, s in self._term_list) + "->" + self._out
 
     @cached_property
-    def _vjp_eqs(self) -> tuple[str, ...]:
-        subs = [s for _, _, s in self._term_list]
-        return tuple(",".join([self._out] + subs[:k] + subs[k + 1:]) + "->" + subs[k] for k in range(len(subs)))
-
-    @cached_property
     def _apply_eq(self) -> str:
         batch = self._sym(2 * self.ndim)
         x = batch + self._out[1:]
@@ -215,15 +210,9 @@ class Parametrization(ABC):
             ops.append(a if tuple(a.shape) == view else xp.reshape(a, view))
         return ops
 
-    @staticmethod
-    def _fold_scale(ops: list[Any], scale: Any) -> list[Any]:
+    def _fold_scale(self, ops: list[Any], scale: Any) -> list[Any]:
         """Multiply the smallest operand by ``scale`` (cheaper than scaling the result)."""
-        if isinstance(scale, (int, float)) and scale == 1:
-            return ops
-        k = min(range(len(ops)), key=lambda i: math.prod(ops[i].shape))
-        ops = list(ops)
-        ops[k] = ops[k] * scale
-        return ops
+        return self._fold_scale_at(ops, scale)[1]
 
     def reconstruct(self, params: Mapping[str, Any], scale: float = 1.0) -> Any:
         """ΔW = ``scale`` · (the einsum of the params).
@@ -266,10 +255,24 @@ class Parametrization(ABC):
         if tuple(cotangent.shape) != self.shape:
             raise ParamsError(f"cotangent: expected shape {fmt_shape(self.shape)}, got {fmt_shape(cotangent.shape)}")
         ops = self._operands(xp, params)
+        k, ops = self._fold_scale_at(ops, scale)
+        return self._param_grads(xp, contract_vjp(self._recon_eq, ops, cotangent), k, scale)
+
+    def _fold_scale_at(self, ops: list[Any], scale: Any) -> tuple[int | None, list[Any]]:
+        """``_fold_scale``, also telling which operand took ``scale`` (None if none did)."""
+        if isinstance(scale, (int, float)) and scale == 1:
+            return None, ops
+        k = min(range(len(ops)), key=lambda i: math.prod(ops[i].shape))
+        ops = list(ops)
+        ops[k] = ops[k] * scale
+        return k, ops
+
+    def _param_grads(self, xp: Any, got: Sequence[Any], folded: int | None, scale: Any) -> Params:
+        """Name and reshape operand gradients; the operand that took ``scale`` gets it by the chain rule."""
         grads: Params = {}
-        for k, ((name, _, _), eq) in enumerate(zip(self._term_list, self._vjp_eqs)):
-            args = self._fold_scale([cotangent] + ops[:k] + ops[k + 1:], scale)
-            g = contract(eq, *args)
+        for j, ((name, _, _), g) in enumerate(zip(self._term_list, got)):
+            if j == folded:
+                g = g * scale
             want = self.param_shapes[name]
             grads[name] = g if tuple(g.shape) == want else xp.reshape(g, want)
         return grads
@@ -309,14 +312,6 @@ class Parametrization(ABC):
             raise TuckerPeftError(f"strategy: expected 'auto', 'factorized' or 'rebuild', got {strategy!r}")
         return xp.reshape(y, (*lead, self.shape[0]))
 
-    @cached_property
-    def _apply_vjp_eqs(self) -> tuple[tuple[str, ...], str]:
-        batch = self._sym(2 * self.ndim)
-        x, g = batch + self._out[1:], batch + self._out[0]
-        subs = [s for _, _, s in self._term_list]
-        params = tuple(",".join([x, g] + subs[:k] + subs[k + 1:]) + "->" + subs[k] for k in range(len(subs)))
-        return params, ",".join([g] + subs) + "->" + x
-
     def apply_vjp(self, params: Mapping[str, Any], x: Any, grad_out: Any, scale: float = 1.0,
                   strategy: str = "auto") -> tuple[Params, Any]:
         """Gradients of ⟨grad_out, apply(params, x)⟩ for the params and for ``x``.
@@ -355,21 +350,15 @@ class Parametrization(ABC):
             return self.vjp(params, ct, scale), xp.reshape(x_grad, x.shape)
         if strategy != "factorized":
             raise TuckerPeftError(f"strategy: expected 'auto', 'factorized' or 'rebuild', got {strategy!r}")
-        ops = self._operands(xp, params)
-        peqs, xeq = self._apply_vjp_eqs
-        grads: Params = {}
-        for k, ((name, _, _), eq) in enumerate(zip(self._term_list, peqs)):
-            gk = contract(eq, *self._fold_scale([x2, g2] + ops[:k] + ops[k + 1:], scale))
-            want = self.param_shapes[name]
-            grads[name] = gk if tuple(gk.shape) == want else xp.reshape(gk, want)
-        x_grad = contract(xeq, *self._fold_scale([g2] + ops, scale))
-        return grads, xp.reshape(x_grad, x.shape)
+        k, ops = self._fold_scale_at(self._operands(xp, params), scale)
+        got = contract_vjp(self._apply_eq, [x2] + ops, g2)
+        return self._param_grads(xp, got[1:], k, scale), xp.reshape(got[0], x.shape)
 
     def cost(self, n: int = 1) -> Cost:
         """FLOPs of reconstruction, vjp, and of applying ΔW to ``n`` inputs both ways."""
         views = self._views
         recon = plan_cost(self._recon_eq, views)
-        vjp = sum(plan_cost(eq, (self.shape,) + views[:k] + views[k + 1:]) for k, eq in enumerate(self._vjp_eqs))
+        vjp = vjp_cost(self._recon_eq, views)
         dense = 2 * n * math.prod(self.shape)
         fact = plan_cost(self._apply_eq, ((n, *self.shape[1:]),) + views)
         return Cost(reconstruct=recon, vjp=vjp, apply_rebuild=recon + dense, apply_factorized=fact)

@@ -8,6 +8,7 @@ nor cupy.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -64,6 +65,10 @@ def einsum_backend(x: Any) -> str:
     return _NATIVE_EINSUM.get(library_of(x), _GENERIC_BACKEND)
 
 
+def _optimize(n_operands: int) -> str:
+    return "optimal" if n_operands <= 7 else "dp"
+
+
 @functools.lru_cache(maxsize=4096)
 def plan(equation: str, shapes: tuple[tuple[int, ...], ...]) -> Any:
     """Planned contraction for ``equation`` on operands of ``shapes``.
@@ -71,16 +76,80 @@ def plan(equation: str, shapes: tuple[tuple[int, ...], ...]) -> Any:
     The FLOP-optimal pairwise order is found once per (equation, shapes) and
     cached; the returned ``opt_einsum`` expression only executes.
     """
-    optimize = "optimal" if len(shapes) <= 7 else "dp"
-    return opt_einsum.contract_expression(equation, *shapes, optimize=optimize)
+    return opt_einsum.contract_expression(equation, *shapes, optimize=_optimize(len(shapes)))
 
 
 @functools.lru_cache(maxsize=4096)
+def _path_info(equation: str, shapes: tuple[tuple[int, ...], ...]) -> Any:
+    return opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=_optimize(len(shapes)))[1]
+
+
 def plan_cost(equation: str, shapes: tuple[tuple[int, ...], ...]) -> int:
     """FLOPs (multiply and add counted separately) of the planned contraction."""
-    optimize = "optimal" if len(shapes) <= 7 else "dp"
-    _, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=optimize)
-    return int(info.opt_cost)
+    return int(_path_info(equation, shapes).opt_cost)
+
+
+@functools.lru_cache(maxsize=4096)
+def _steps(equation: str, shapes: tuple[tuple[int, ...], ...]) -> tuple[tuple[tuple[int, ...], tuple[str, ...], str], ...]:
+    """The plan's pairwise steps ``(operand positions, input subscripts, output)``."""
+    lhs, out = equation.split("->")
+    terms = lhs.split(",")
+    for t in terms:
+        lonely = [s for s in t if s not in out and sum(s in u for u in terms) == 1]
+        if lonely:
+            raise TuckerPeftError(
+                f"einsum {equation!r}: index {lonely[0]!r} of term {t!r} is summed without meeting another "
+                "operand; expected every index in the output or in two operands (sum it into the parameter instead)"
+            )
+    steps = []
+    for inds, _, einsum_str, _, _ in _path_info(equation, shapes).contraction_list:
+        step_lhs, step_out = einsum_str.split("->")
+        steps.append((tuple(inds), tuple(step_lhs.split(",")), step_out))
+    return tuple(steps)
+
+
+def vjp_cost(equation: str, shapes: tuple[tuple[int, ...], ...]) -> int:
+    """FLOPs of :func:`contract_vjp`: the forward steps but the last, and two products per step."""
+    lhs, _ = equation.split("->")
+    size = {s: d for t, shp in zip(lhs.split(","), shapes) for s, d in zip(t, shp)}
+    steps = _steps(equation, shapes)
+    total = 0
+    for k, (_, terms, out) in enumerate(steps):
+        involved = math.prod(size[s] for s in set("".join(terms)) | set(out))
+        total += 2 * involved * (len(terms) + (k < len(steps) - 1))
+    return total
+
+
+def contract_vjp(equation: str, operands: Sequence[Any], cotangent: Any) -> list[Any]:
+    """Gradients of ⟨cotangent, einsum(equation, *operands)⟩ for every operand.
+
+    Reverse mode over the planned pairwise steps: the forward keeps each
+    intermediate (the last, full-size product is never formed), the backward
+    runs two planned contractions per step. This costs about two of the
+    largest contractions, where differentiating each operand separately would
+    repeat the largest one per operand.
+    """
+    shapes = tuple(tuple(int(s) for s in op.shape) for op in operands)
+    steps = _steps(equation, shapes)
+    values: dict[int, Any] = dict(enumerate(operands))
+    live = list(range(len(operands)))
+    tape = []
+    for k, (inds, terms, out) in enumerate(steps):
+        ids = [live.pop(i) for i in inds]
+        node = len(operands) + k
+        if k < len(steps) - 1:
+            values[node] = contract(",".join(terms) + "->" + out, *(values[i] for i in ids))
+        tape.append((ids, terms, out, node))
+        live.append(node)
+    grads: dict[int, Any] = {tape[-1][3]: cotangent}
+    for ids, terms, out, node in reversed(tape):
+        g = grads.pop(node)
+        for j, (i, t) in enumerate(zip(ids, terms)):
+            rest = [m for m in range(len(ids)) if m != j]
+            eq = ",".join([out] + [terms[m] for m in rest]) + "->" + t
+            gi = contract(eq, g, *(values[ids[m]] for m in rest))
+            grads[i] = gi if i not in grads else grads[i] + gi
+    return [grads[i] for i in range(len(operands))]
 
 
 def contract(equation: str, *operands: Any) -> Any:
