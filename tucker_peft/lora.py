@@ -10,6 +10,7 @@ from typing import Any, Callable, ClassVar, Mapping
 import numpy as np
 
 from ._base import Parametrization, Params, check_rank, check_shape, register
+from ._decomp import leading_left_singular
 from ._dispatch import ArrayContext, namespace
 from ._errors import TuckerPeftError
 
@@ -71,13 +72,21 @@ class LoRA(Parametrization):
                     "A": ctx.asarray(rng.uniform(-1, 1, (self.rank, k)) / math.sqrt(k))}
         core_mode = self._core_option(options)
         txp = namespace(tensor)
-        u, s, vh = txp.linalg.svd(txp.reshape(tensor, (self.shape[0], k)), full_matrices=False)
-        u, s, vh = u[:, : self.rank], s[: self.rank], vh[: self.rank, :]
-        if core_mode == "zero":
-            return {"B": ctx.zeros((self.shape[0], self.rank)), "A": self._cast(ctx, vh)}
-        # PiSSA split: B = ±U·√(S/|s|), A = √(S/|s|)·Vᵀ, so s·B@A is the rank-r truncation.
-        root = txp.sqrt(s / abs(scale))
-        return {"B": self._cast(ctx, u * (root * (1.0 if scale > 0 else -1.0))), "A": self._cast(ctx, root[:, None] * vh)}
+        m = txp.reshape(tensor, (self.shape[0], k))
+        # Leading left singular vectors from the small Gram matrix, then
+        # SVᵀ = Uᵀ M: no SVD of the wide unfolding.
+        u, _ = leading_left_singular(txp, m, 0, self.rank)
+        sv = txp.matmul(txp.matrix_transpose(u), m)
+        sigma = txp.sqrt(txp.sum(sv * sv, axis=1))
+        ones = txp.ones_like(sigma)
+        if core_mode == "zero":  # B = 0, A = Vᵀ (rows of a zero singular value stay zero)
+            return {"B": ctx.zeros((self.shape[0], self.rank)),
+                    "A": self._cast(ctx, sv / txp.where(sigma > 0, sigma, ones)[:, None])}
+        # PiSSA split: B = ±U·√(S/|s|), A = √(S/|s|)·Vᵀ = SVᵀ/√(S·|s|); s·B@A is the rank-r truncation.
+        root = txp.sqrt(sigma / abs(scale))
+        denom = txp.sqrt(sigma * abs(scale))
+        return {"B": self._cast(ctx, u * (root * (1.0 if scale > 0 else -1.0))),
+                "A": self._cast(ctx, sv / txp.where(denom > 0, denom, ones)[:, None])}
 
     @classmethod
     def budget_family(cls, shape: tuple[int, ...], **unknown: Any) -> tuple[Callable[[int], "Parametrization"], int]:
