@@ -13,6 +13,9 @@ from ._version import __version__
 from .cp import CP
 from .lora import LoRA
 from .tucker import Tucker, Tucker2
+from . import optim
+from .adapter import Adapter, StateDictError
+from .fitting import FitResult, budget_sweep, fit
 
 __all__ = [
     "__version__",
@@ -35,4 +38,10 @@ __all__ = [
     "ParamsError",
     "BackendMismatchError",
     "InitError",
+    "optim",
+    "Adapter",
+    "StateDictError",
+    "fit",
+    "FitResult",
+    "budget_sweep",
 ]

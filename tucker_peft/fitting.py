@@ -1,0 +1,426 @@
+"""Fitting a spec to a given ΔW, e.g. the difference of a fine-tuned and a base checkpoint.
+
+Everything runs on the target's array library and device (NumPy, CuPy,
+torch, array-api-strict). The relative error of every step is kept on the
+device and copied to the host once, at the end.
+
+>>> import numpy as np, tucker_peft as tp
+>>> target = np.random.default_rng(0).standard_normal((16, 8, 3, 3))
+>>> res = tp.fit(tp.Tucker(target.shape, 4), target, steps=5)
+>>> bool(res.final_error <= res.init_error)
+True
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+from opt_einsum import get_symbol
+
+from ._base import Parametrization
+from ._decomp import leading_left_singular, multilinear_project
+from ._dispatch import contract, namespace, to_numpy
+from ._errors import RankError, TuckerPeftError, fmt_shape
+from .cp import CP
+from .lora import LoRA
+from .optim import Adam, Optimizer
+from .tucker import Tucker
+
+__all__ = ["fit", "FitResult", "budget_sweep"]
+
+Params = dict[str, Any]
+
+
+@dataclass
+class FitResult:
+    """Outcome of :func:`fit`.
+
+    Attributes
+    ----------
+    spec : Parametrization
+    params : dict of str to array
+        In the target's library, device and dtype.
+    scale : float
+        ``scale · spec.reconstruct(params)`` approximates the target.
+    method : str
+    rel_errors : np.ndarray, shape ``(steps_run + 1,)``
+        ``‖target − s·ΔW‖ / ‖target‖`` at the start (index 0) and after each
+        step (the absolute error when the target is all zero).
+    seconds : float
+        Wall time of the fit, including the final host copy.
+    """
+
+    spec: Parametrization
+    params: Params
+    scale: float
+    method: str
+    rel_errors: np.ndarray
+    seconds: float = 0.0
+
+    @property
+    def init_error(self) -> float:
+        return float(self.rel_errors[0])
+
+    @property
+    def final_error(self) -> float:
+        return float(self.rel_errors[-1])
+
+    @property
+    def steps(self) -> int:
+        """Steps run (fewer than asked when stopped early)."""
+        return len(self.rel_errors) - 1
+
+    def delta(self) -> Any:
+        """``s · ΔW``, shape ``spec.shape``."""
+        return self.spec.reconstruct(self.params, self.scale)
+
+    def adapter(self, **kw: Any) -> Any:
+        """A :class:`tucker_peft.Adapter` holding these params (``kw`` as for Adapter)."""
+        from .adapter import Adapter
+
+        return Adapter(self.spec, self.params, scale=self.scale, **kw)
+
+
+def _sqnorm(xp: Any, a: Any) -> Any:
+    return xp.sum(a * a)
+
+
+class _Error:
+    """Relative error ``‖target − s·ΔW‖ / ‖target‖`` as a device scalar."""
+
+    def __init__(self, xp: Any, spec: Parametrization, target: Any, scale: float) -> None:
+        self.xp, self.spec, self.target, self.scale = xp, spec, target, scale
+        n2 = _sqnorm(xp, target)
+        # Zero target: report absolute errors (no host check needed).
+        self.inv_norm = 1 / xp.sqrt(xp.where(n2 > 0, n2, xp.ones_like(n2)))
+
+    def residual(self, params: Params) -> Any:
+        return self.spec.reconstruct(params, self.scale) - self.target
+
+    def of_residual(self, r: Any) -> Any:
+        return self.xp.sqrt(_sqnorm(self.xp, r)) * self.inv_norm
+
+    def __call__(self, params: Params) -> Any:
+        return self.of_residual(self.residual(params))
+
+
+def _init_params(spec: Parametrization, target: Any, init: Any, scale: float, seed: int | None,
+                 options: Mapping[str, Any] | None) -> Params:
+    opts = dict(options or {})
+    if isinstance(init, Mapping):
+        if opts:
+            raise TuckerPeftError(f"init_options: only used with a method name for init, got {sorted(opts)}")
+        params = dict(init)
+        spec.check_params(params, ("target", target))
+        return params
+    if init == "auto":
+        if isinstance(spec, Tucker):
+            init = "hosvd"
+        elif isinstance(spec, CP):
+            init = "parafac"
+            opts.setdefault("n_iter", 5)
+        elif isinstance(spec, LoRA):
+            init = "svd"
+        else:
+            raise TuckerPeftError(f"init: 'auto' knows tucker, tucker2, cp and lora, got kind {spec.kind!r}; "
+                                  "pass a method name or params")
+    if not isinstance(init, str):
+        raise TuckerPeftError(f"init: expected 'auto', a method name or a params dict, got {type(init).__name__}")
+    canon = spec.init_methods.get(init.lower())
+    if canon is not None and canon not in spec.tensor_methods:
+        return spec.init(init, like=target, seed=seed, **opts)
+    return spec.init(init, tensor=target, scale=scale, seed=seed, **opts)
+
+
+def _check_int(name: str, v: Any, low: int) -> int:
+    if isinstance(v, bool):
+        raise TuckerPeftError(f"{name}: expected an int >= {low}, got {v!r}")
+    try:
+        v = operator.index(v)
+    except TypeError:
+        raise TuckerPeftError(f"{name}: expected an int >= {low}, got {v!r}") from None
+    if v < low:
+        raise TuckerPeftError(f"{name}: expected an int >= {low}, got {v}")
+    return v
+
+
+def fit(spec: Parametrization, target: Any, steps: int = 20, method: str = "als", *, scale: float = 1.0,
+        init: Any = "auto", init_options: Mapping[str, Any] | None = None, lr: float = 1e-3,
+        optimizer: Optimizer | None = None, seed: int | None = 0, tol: float | None = None,
+        callback: Callable[[int, Params, Any], Any] | None = None) -> FitResult:
+    """Fit ``spec`` to ``target`` so that ``scale · spec.reconstruct(params) ≈ target``.
+
+    Parameters
+    ----------
+    spec : Parametrization
+        Tucker, Tucker-2, CP or LoRA (``method='adam'`` takes any kind).
+    target : array, shape ``spec.shape``
+        The ΔW to approximate, e.g. ``W_finetuned - W_base``. Params come
+        back in its library, device and dtype.
+    steps : int
+        ALS sweeps or optimizer steps.
+    method : {'als', 'adam'}
+        ``'als'``: alternating least squares. Tucker/Tucker-2: HOOI sweeps
+        (each factor becomes the leading singular vectors of the target
+        projected on the others; the core is the projection). CP: each
+        factor solves its ``R×R`` normal equations with the Khatri-Rao
+        product of the others. LoRA: B and A alternately by least squares
+        (from the SVD init this stays at the Eckart–Young optimum). The
+        error never increases.
+        ``'adam'``: Adam on ``½‖s·ΔW − target‖² / ‖target‖²`` with the
+        analytic vjp.
+    scale : float
+        The s the params will be used with.
+    init : 'auto', str or dict
+        ``'auto'``: HOSVD for Tucker, CP-ALS through tensorly (``n_iter=5``
+        unless ``init_options`` says otherwise) for CP, truncated SVD for
+        LoRA. A method name goes to ``spec.init``; a dict is used as the
+        starting params.
+    init_options : dict, optional
+        Extra keywords of ``spec.init`` (``n_iter=``, ``core=``...).
+    lr : float
+        For ``'adam'`` without ``optimizer``: a relative learning rate; each
+        parameter array steps by about ``lr`` times its initial RMS value.
+    optimizer : Optimizer, optional
+        For ``'adam'``: used as given (absolute learning rate).
+    seed : int, optional
+        For random parts of the init.
+    tol : float, optional
+        Stop when a step lowers the error by less than ``tol`` relative. It
+        reads the error on the host once per step; leave it None on a GPU
+        for a sync-free loop.
+    callback : callable, optional
+        ``callback(step, params, rel_error)`` after each step, with the
+        error as a 0-d device array; returning True stops the fit.
+
+    Returns
+    -------
+    FitResult
+    """
+    if not isinstance(spec, Parametrization):
+        raise TuckerPeftError(f"spec: expected a Parametrization, got {type(spec).__name__}")
+    if tuple(getattr(target, "shape", ())) != spec.shape:
+        raise TuckerPeftError(f"target: expected shape {fmt_shape(spec.shape)}, got {fmt_shape(getattr(target, 'shape', ()))}")
+    xp = namespace(target, what=("target",))
+    if not xp.isdtype(target.dtype, "real floating"):
+        raise TuckerPeftError(f"target: expected a real floating dtype, got {target.dtype}")
+    steps = _check_int("steps", steps, 0)
+    if not isinstance(method, str) or method.lower() not in ("als", "adam"):
+        raise TuckerPeftError(f"method: expected 'als' or 'adam', got {method!r}")
+    method = method.lower()
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
+        raise TuckerPeftError(f"scale: expected a finite non-zero number, got {scale!r}")
+    if tol is not None and not (isinstance(tol, (int, float)) and tol >= 0):
+        raise TuckerPeftError(f"tol: expected a number >= 0 or None, got {tol!r}")
+    if method == "als" and isinstance(spec, CP) and spec.ndim < 2:
+        raise TuckerPeftError(f"spec: CP-ALS needs at least 2 modes, got shape {fmt_shape(spec.shape)}")
+    if method == "als" and not isinstance(spec, (Tucker, CP, LoRA)):
+        raise TuckerPeftError(f"method: 'als' supports tucker, tucker2, cp and lora, got kind {spec.kind!r}; "
+                              "use method='adam'")
+    t0 = time.perf_counter()
+    scale = float(scale)
+    params = _init_params(spec, target, init, scale, seed, init_options)
+    err = _Error(xp, spec, target, scale)
+    if method == "als":
+        sweep = {Tucker: _TuckerALS, CP: _CPALS, LoRA: _LoRAALS}
+        cls = next(v for k, v in sweep.items() if isinstance(spec, k))
+        params, errors = _run(cls(xp, spec, target, scale, params), params, err, steps, tol, callback)
+    else:
+        params, errors = _adam(xp, spec, target, scale, params, err, steps, lr, optimizer, tol, callback)
+    rel = np.asarray(to_numpy(xp.stack(errors)), dtype=np.float64)
+    return FitResult(spec, params, scale, method, rel, time.perf_counter() - t0)
+
+
+def _stop(errors: list[Any], tol: float | None, step: int, params: Params, callback: Any) -> bool:
+    if callback is not None and callback(step, params, errors[-1]) is True:
+        return True
+    if tol is not None and len(errors) >= 2:
+        prev, cur = float(errors[-2]), float(errors[-1])
+        return prev - cur <= tol * max(prev, 1e-300)
+    return False
+
+
+def _run(als: Any, params: Params, err: _Error, steps: int, tol: float | None, callback: Any) -> tuple[Params, list[Any]]:
+    errors = [err(params)]
+    for k in range(1, steps + 1):
+        params = als.sweep()
+        errors.append(err(params))
+        if _stop(errors, tol, k, params, callback):
+            break
+    return params, errors
+
+
+class _TuckerALS:
+    """HOOI sweeps on orthonormalised factors."""
+
+    def __init__(self, xp: Any, spec: Tucker, target: Any, scale: float, params: Params) -> None:
+        self.xp, self.spec, self.target, self.scale = xp, spec, target, scale
+        self.modes = [n for n, r in enumerate(spec.ranks) if r is not None]
+        self.factors: list[Any] = [params.get(f"factor_{n}") for n in range(spec.ndim)]
+        # HOOI projects on the other factors, so they must be orthonormal: QR keeps their span.
+        for n in self.modes:
+            self.factors[n] = xp.linalg.qr(self.factors[n])[0]
+        # A full-rank mode's orthonormal factor loses nothing: only the others are updated.
+        self.update = [n for n in self.modes if spec.ranks[n] < spec.shape[n]]
+        self.core = params["core"]
+
+    def sweep(self) -> Params:
+        xp, rk = self.xp, self.spec.ranks
+        for n in self.update:
+            others = [u if m != n else None for m, u in enumerate(self.factors)]
+            y = multilinear_project(self.target, others)
+            self.factors[n] = leading_left_singular(xp, y, n, rk[n])[0]
+        self.core = multilinear_project(self.target, self.factors) / self.scale
+        return self.params()
+
+    def params(self) -> Params:
+        out = {"core": self.core}
+        out.update({f"factor_{n}": self.factors[n] for n in self.modes})
+        return out
+
+
+class _CPALS:
+    """CP-ALS: each factor from its R×R normal equations, then columns normalised into λ."""
+
+    def __init__(self, xp: Any, spec: CP, target: Any, scale: float, params: Params) -> None:
+        self.xp, self.spec, self.target, self.scale = xp, spec, target, scale
+        self.weights = params["weights"] * scale
+        self.factors = [params[f"factor_{n}"] for n in range(spec.ndim)]
+        nd, r = spec.ndim, get_symbol(2 * spec.ndim)
+        modes = "".join(get_symbol(i) for i in range(nd))
+        # MTTKRP of mode n: target contracted with every other factor.
+        self.eqs = [",".join([modes] + [modes[m] + r for m in range(nd) if m != n]) + "->" + modes[n] + r
+                    for n in range(nd)]
+
+    def sweep(self) -> Params:
+        xp, nd = self.xp, self.spec.ndim
+        grams = [xp.matmul(xp.matrix_transpose(a), a) for a in self.factors]
+        for n in range(nd):
+            v = None
+            for m in range(nd):
+                if m != n:
+                    v = grams[m] if v is None else v * grams[m]
+            mt = contract(self.eqs[n], self.target, *[self.factors[m] for m in range(nd) if m != n])
+            # Minimum-norm least squares: no host check for a singular V.
+            a = xp.matmul(mt, xp.linalg.pinv(v))
+            lam = xp.sqrt(xp.sum(a * a, axis=0))
+            a = a / xp.where(lam > 0, lam, xp.ones_like(lam))
+            self.factors[n], self.weights = a, lam
+            grams[n] = xp.matmul(xp.matrix_transpose(a), a)
+        return self.params()
+
+    def params(self) -> Params:
+        out = {"weights": self.weights / self.scale}
+        out.update({f"factor_{n}": f for n, f in enumerate(self.factors)})
+        return out
+
+
+class _LoRAALS:
+    """Alternating least squares for ``s·B@A ≈ T`` on the mode-0 unfolding."""
+
+    def __init__(self, xp: Any, spec: LoRA, target: Any, scale: float, params: Params) -> None:
+        self.xp, self.scale = xp, scale
+        self.t2 = xp.reshape(target, (spec.shape[0], -1))
+        self.b, self.a = params["B"], params["A"]
+
+    def sweep(self) -> Params:
+        xp, s, t2 = self.xp, self.scale, self.t2
+        at = xp.matrix_transpose(self.a)
+        self.b = xp.matmul(xp.matmul(t2, at), xp.linalg.pinv(xp.matmul(self.a, at))) / s
+        bt = xp.matrix_transpose(self.b)
+        self.a = xp.matmul(xp.linalg.pinv(xp.matmul(bt, self.b)), xp.matmul(bt, t2)) / s
+        return {"B": self.b, "A": self.a}
+
+
+def _adam(xp: Any, spec: Parametrization, target: Any, scale: float, params: Params, err: _Error, steps: int,
+          lr: float, optimizer: Optimizer | None, tol: float | None, callback: Any) -> tuple[Params, list[Any]]:
+    if optimizer is None:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise TuckerPeftError(f"lr: expected a number > 0, got {lr!r}")
+        optimizer = Adam(lr=float(lr))
+        # Relative steps: one host read of each param's RMS, before the loop.
+        rms = {k: float(xp.sqrt(xp.mean(v * v))) for k, v in params.items()}
+        fallback = max(rms.values()) or 1.0
+        optimizer.lr_scale = {k: (r if r > 0 else fallback) for k, r in rms.items()}
+    elif not isinstance(optimizer, Optimizer):
+        raise TuckerPeftError(f"optimizer: expected a tucker_peft.optim.Optimizer, got {type(optimizer).__name__}")
+    inv2 = err.inv_norm * err.inv_norm
+    errors: list[Any] = []
+    r = err.residual(params)
+    errors.append(err.of_residual(r))
+    for k in range(1, steps + 1):
+        grads = spec.vjp(params, r * inv2, scale)
+        params = optimizer.step(params, grads)
+        r = err.residual(params)
+        errors.append(err.of_residual(r))
+        if _stop(errors, tol, k, params, callback):
+            break
+    return params, errors
+
+
+@dataclass
+class SweepRow:
+    """One (kind, budget) entry of :func:`budget_sweep`."""
+
+    kind: str
+    budget: int
+    spec: Parametrization | None
+    num_params: int
+    init_error: float
+    rel_error: float
+    seconds: float
+    rel_errors: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "budget": self.budget, "spec": repr(self.spec), "num_params": self.num_params,
+                "init_error": self.init_error, "rel_error": self.rel_error, "seconds": self.seconds}
+
+
+def budget_sweep(target: Any, budgets: Sequence[int], kinds: Sequence[str] = ("tucker", "tucker2", "cp", "lora"), *,
+                 steps: int | Mapping[str, int] = 10, method: str = "als",
+                 constraints: Mapping[str, Mapping[str, Any]] | None = None,
+                 **fit_kw: Any) -> list[SweepRow]:
+    """Fit every kind at every budget to ``target``: how much of ΔW each captures at equal cost.
+
+    Parameters
+    ----------
+    target : array
+    budgets : sequence of int
+        Parameter budgets; each kind gets its largest spec within the
+        budget (:func:`tucker_peft.ranks.for_budget`).
+    kinds : sequence of str
+    steps : int or dict of kind to int
+        Steps of :func:`fit`, for all kinds or per kind (default 10).
+    method, **fit_kw
+        Passed to :func:`fit`.
+    constraints : dict of kind to dict, optional
+        Extra ``for_budget`` constraints per kind.
+
+    Returns
+    -------
+    list of SweepRow
+        A kind whose smallest spec exceeds a budget gets a row with
+        ``spec=None`` and NaN errors.
+    """
+    from . import ranks
+
+    shape = tuple(target.shape)
+    rows = []
+    for budget in budgets:
+        budget = _check_int("budgets[i]", budget, 1)
+        for kind in kinds:
+            try:
+                spec = ranks.for_budget(kind, shape, budget, **dict((constraints or {}).get(kind, {})))
+            except RankError:
+                rows.append(SweepRow(kind, budget, None, 0, math.nan, math.nan, 0.0))
+                continue
+            n = steps.get(kind, 10) if isinstance(steps, Mapping) else steps
+            res = fit(spec, target, steps=n, method=method, **fit_kw)
+            rows.append(SweepRow(kind, budget, spec, spec.num_params, res.init_error, res.final_error,
+                                 res.seconds, res.rel_errors))
+    return rows
