@@ -139,8 +139,12 @@ def test_cupy_fit_matches_numpy(spec, method):
     t = _target()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref = tpc.fit(spec, t, steps=6, method=method, seed=3)
-        got = tpc.fit(spec, cupy.asarray(t), steps=6, method=method, seed=3)
+        # Adam from the decomposition init would start at (LoRA) or near an
+        # optimum, where the gradient is rounding noise that Adam's scaling
+        # amplifies differently per library; start it from 'zero' instead.
+        kw = {"init": "zero"} if method == "adam" else {}
+        ref = tpc.fit(spec, t, steps=6, method=method, seed=3, **kw)
+        got = tpc.fit(spec, cupy.asarray(t), steps=6, method=method, seed=3, **kw)
     assert all(isinstance(v, cupy.ndarray) for v in got.params.values())
     np.testing.assert_allclose(got.rel_errors, ref.rel_errors, rtol=1e-7, atol=1e-10)
     np.testing.assert_allclose(to_np(got.delta()), ref.delta(), rtol=1e-6, atol=1e-8)
@@ -191,7 +195,7 @@ def test_cupy_steps_never_synchronize():
     import cupyx
     from array_api_compat import array_namespace
 
-    from tucker_peft.fitting import _CPALS, _Error, _TuckerALS
+    from tucker_peft.fitting import _CPALS, _Error, _LoRAALS, _TuckerALS
 
     spec = SPECS[0]
     rng = np.random.default_rng(2)
@@ -204,6 +208,8 @@ def test_cupy_steps_never_synchronize():
     xp = array_namespace(t)
     tucker = _TuckerALS(xp, spec, t, 1.0, spec.init("hosvd", tensor=t))
     cpals = _CPALS(xp, cp_spec, t, 1.0, cp_spec.init("random", like=t, seed=0))
+    lora_spec = SPECS[3]
+    lora = _LoRAALS(xp, lora_spec, t, 1.0, lora_spec.init("random", like=t, seed=0))
     err = _Error(xp, spec, t, 1.0)
     cupy.cuda.Device().synchronize()
     with cupyx.allow_synchronize(False):
@@ -213,6 +219,7 @@ def test_cupy_steps_never_synchronize():
                 a.backward(g, input_grad=True)
                 a.step()
         errs = [err(tucker.sweep()) for _ in range(2)] + [cupy.sqrt(cupy.sum(cpals.sweep()["weights"] ** 2))]
+        errs.append(cupy.sum(lora.sweep()["B"] ** 2))
     # Outside the guard the results can be read.
     assert all(0 <= float(e) < math.inf for e in errs)
 
@@ -228,9 +235,10 @@ def test_cupy_torch_zero_copy_on_gpu():
     tparams = tpc.params_to_torch(params)
     for k in params:
         assert tparams[k].is_cuda and tpc.shares_memory(tparams[k], params[k])
-    tparams["core"][0, 0] += 1.0
+    first = (0,) * params["core"].ndim
+    tparams["core"][first] += 1.0
     torch.cuda.synchronize()
-    assert float(params["core"][0, 0]) == pytest.approx(float(tparams["core"][0, 0]))
+    assert float(params["core"][first]) == pytest.approx(float(tparams["core"][first]))
     back = tpc.params_from_torch(tparams)
     assert all(isinstance(v, cupy.ndarray) and tpc.shares_memory(v, params[k]) for k, v in back.items())
     # A CuPy-trained adapter used from torch gives the same outputs.

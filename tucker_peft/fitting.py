@@ -284,6 +284,21 @@ class _TuckerALS:
         return out
 
 
+def _sym_pinv(xp: Any, v: Any) -> Any:
+    """Pseudo-inverse of a symmetric PSD matrix (the normal equations), by eigh.
+
+    Minimum-norm least squares with no host check for a singular matrix; unlike
+    ``linalg.pinv`` on CuPy (a masked assignment) it never synchronises. The
+    small eigenproblem runs in float64, as in HOSVD.
+    """
+    v64 = xp.astype(v, xp.float64)
+    w, q = xp.linalg.eigh((v64 + xp.matrix_transpose(v64)) / 2)
+    tol = xp.max(xp.abs(w)) * v.shape[0] * xp.finfo(xp.float64).eps
+    keep = w > tol
+    inv = xp.where(keep, 1 / xp.where(keep, w, xp.ones_like(w)), xp.zeros_like(w))
+    return xp.astype(xp.matmul(q * inv, xp.matrix_transpose(q)), v.dtype)
+
+
 class _CPALS:
     """CP-ALS: each factor from its R×R normal equations, then columns normalised into λ."""
 
@@ -306,8 +321,7 @@ class _CPALS:
                 if m != n:
                     v = grams[m] if v is None else v * grams[m]
             mt = contract(self.eqs[n], self.target, *[self.factors[m] for m in range(nd) if m != n])
-            # Minimum-norm least squares: no host check for a singular V.
-            a = xp.matmul(mt, xp.linalg.pinv(v))
+            a = xp.matmul(mt, _sym_pinv(xp, v))
             lam = xp.sqrt(xp.sum(a * a, axis=0))
             a = a / xp.where(lam > 0, lam, xp.ones_like(lam))
             self.factors[n], self.weights = a, lam
@@ -331,9 +345,9 @@ class _LoRAALS:
     def sweep(self) -> Params:
         xp, s, t2 = self.xp, self.scale, self.t2
         at = xp.matrix_transpose(self.a)
-        self.b = xp.matmul(xp.matmul(t2, at), xp.linalg.pinv(xp.matmul(self.a, at))) / s
+        self.b = xp.matmul(xp.matmul(t2, at), _sym_pinv(xp, xp.matmul(self.a, at))) / s
         bt = xp.matrix_transpose(self.b)
-        self.a = xp.matmul(xp.linalg.pinv(xp.matmul(bt, self.b)), xp.matmul(bt, t2)) / s
+        self.a = xp.matmul(_sym_pinv(xp, xp.matmul(bt, self.b)), xp.matmul(bt, t2)) / s
         return {"B": self.b, "A": self.a}
 
 
