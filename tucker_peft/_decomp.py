@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import warnings
 from typing import Any, Sequence
 
 from array_api_compat import device
@@ -172,7 +173,8 @@ def hooi(tensor: Any, ranks: Any, *, n_iter: int = 10, tol: float = 1e-8) -> tup
         raise TuckerPeftError(f"n_iter: expected an int >= 0, got {n_iter!r}")
     core, factors_t = hosvd(tensor, rk)
     factors = list(factors_t)
-    modes = [n for n, r in enumerate(rk) if r is not None]
+    # A full-rank factor spans its whole mode: refitting it cannot change the fit.
+    modes = [n for n, r in enumerate(rk) if r is not None and r < tensor.shape[n]]
     prev = float(xp.sum(core * core))
     for _ in range(n_iter):
         for n in modes:
@@ -211,7 +213,9 @@ def parafac(tensor: Any, rank: int, *, n_iter: int = 100, tol: float = 1e-8, see
     host = np.asarray(to_numpy(tensor), dtype=np.float64)
     if tensor.ndim == 1:
         raise TuckerPeftError(f"tensor: CP fitting needs at least 2 modes, got shape {fmt_shape(tensor.shape)}")
-    with tl.backend_context("numpy"):
+    with tl.backend_context("numpy"), warnings.catch_warnings():
+        # A rank above a mode's size pads the SVD start with random columns; tensorly warns.
+        warnings.filterwarnings("ignore", message=".*n_eigenvecs.*")
         cp = tl_parafac(host, rank, n_iter_max=n_iter, init="svd", tol=tol, normalize_factors=True,
                         random_state=seed)
     def back(a: Any) -> Any:
