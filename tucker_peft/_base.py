@@ -28,6 +28,26 @@ __all__ = ["Parametrization", "Cost", "register", "parametrization", "kinds"]
 Params = dict[str, Any]
 
 
+def check_int(value: Any, what: str, low: int, high: int | None = None,
+              error: type[TuckerPeftError] = TuckerPeftError) -> int:
+    """Validate an integer (not a bool or float) in ``[low, high]``; ``error`` names the failure."""
+    expected = f"an int in [{low}, {high}]" if high is not None else f"an int >= {low}"
+    if isinstance(value, (bool, float, np.floating)):
+        raise error(f"{what}: expected {expected}, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise error(f"{what}: expected {expected}, got {value!r}") from None
+    if v < low or (high is not None and v > high):
+        raise error(f"{what}: expected {expected}, got {v}")
+    return v
+
+
+def check_rank(value: Any, what: str, low: int, high: int) -> int:
+    """Validate one integer rank in ``[low, high]`` (raises :class:`RankError`)."""
+    return check_int(value, what, low, high, RankError)
+
+
 def check_shape(shape: Any) -> tuple[int, ...]:
     """Validate a weight shape: a non-empty sequence of positive ints."""
     if isinstance(shape, (int, np.integer)):
@@ -36,33 +56,9 @@ def check_shape(shape: Any) -> tuple[int, ...]:
         dims = tuple(shape)
     except TypeError:
         raise TuckerPeftError(f"shape: expected a sequence of positive ints, got {shape!r}") from None
-    out = []
-    for i, d in enumerate(dims):
-        if isinstance(d, bool):
-            raise TuckerPeftError(f"shape: expected positive ints, got {d!r} at mode {i} of {dims!r}")
-        try:
-            d = operator.index(d)
-        except TypeError:
-            raise TuckerPeftError(f"shape: expected positive ints, got {d!r} at mode {i} of {dims!r}") from None
-        if d < 1:
-            raise TuckerPeftError(f"shape: expected positive ints, got {d} at mode {i} of {fmt_shape(dims)}")
-        out.append(d)
-    if not out:
+    if not dims:
         raise TuckerPeftError("shape: expected at least one mode, got ()")
-    return tuple(out)
-
-
-def check_rank(value: Any, what: str, low: int, high: int) -> int:
-    """Validate one integer rank in ``[low, high]``."""
-    if isinstance(value, bool) or isinstance(value, (float, np.floating)):
-        raise RankError(f"{what}: expected an int in [{low}, {high}], got {value!r}")
-    try:
-        r = operator.index(value)
-    except TypeError:
-        raise RankError(f"{what}: expected an int in [{low}, {high}], got {value!r}") from None
-    if not low <= r <= high:
-        raise RankError(f"{what}: expected an int in [{low}, {high}], got {r}")
-    return r
+    return tuple(check_int(d, f"shape[{i}] of {dims!r}", 1) for i, d in enumerate(dims))
 
 
 @dataclass(frozen=True)
@@ -350,9 +346,9 @@ class Parametrization(ABC):
             return self.vjp(params, ct, scale), xp.reshape(x_grad, x.shape)
         if strategy != "factorized":
             raise TuckerPeftError(f"strategy: expected 'auto', 'factorized' or 'rebuild', got {strategy!r}")
-        k, ops = self._fold_scale_at(self._operands(xp, params), scale)
+        folded, ops = self._fold_scale_at(self._operands(xp, params), scale)
         got = contract_vjp(self._apply_eq, [x2] + ops, g2)
-        return self._param_grads(xp, got[1:], k, scale), xp.reshape(got[0], x.shape)
+        return self._param_grads(xp, got[1:], folded, scale), xp.reshape(got[0], x.shape)
 
     def cost(self, n: int = 1) -> Cost:
         """FLOPs of reconstruction, vjp, and of applying ΔW to ``n`` inputs both ways."""

@@ -24,7 +24,9 @@ __all__ = [
     "namespace",
     "library_of",
     "einsum_backend",
-    "plan",
+    "schedule",
+    "contract",
+    "contract_vjp",
     "ArrayContext",
     "to_numpy",
 ]

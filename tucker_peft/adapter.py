@@ -424,6 +424,7 @@ class Adapter:
         ref = self.params
         moved = {k: ArrayContext.resolve(like=ref[k]).asarray(a) for k, a in new.items()}
         if osd is not None:
+            assert self.optimizer is not None  # _parse returns optimizer state only for an adapter with one
             opt = copy.copy(self.optimizer)
             opt.load_state_dict(osd, moved)
             self.optimizer.t, self.optimizer.state = opt.t, opt.state

@@ -14,7 +14,6 @@ True
 from __future__ import annotations
 
 import math
-import operator
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -22,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from opt_einsum import get_symbol
 
-from ._base import Parametrization
+from ._base import Parametrization, check_int
 from ._decomp import leading_left_singular, multilinear_project
 from ._dispatch import contract, namespace, to_numpy
 from ._errors import RankError, TuckerPeftError, fmt_shape
@@ -137,18 +136,6 @@ def _init_params(spec: Parametrization, target: Any, init: Any, scale: float, se
     return spec.init(init, tensor=target, scale=scale, seed=seed, **opts)
 
 
-def _check_int(name: str, v: Any, low: int) -> int:
-    if isinstance(v, bool):
-        raise TuckerPeftError(f"{name}: expected an int >= {low}, got {v!r}")
-    try:
-        v = operator.index(v)
-    except TypeError:
-        raise TuckerPeftError(f"{name}: expected an int >= {low}, got {v!r}") from None
-    if v < low:
-        raise TuckerPeftError(f"{name}: expected an int >= {low}, got {v}")
-    return v
-
-
 def fit(spec: Parametrization, target: Any, steps: int = 20, method: str = "als", *, scale: float = 1.0,
         init: Any = "auto", init_options: Mapping[str, Any] | None = None, lr: float = 1e-3,
         optimizer: Optimizer | None = None, seed: int | None = 0, tol: float | None = None,
@@ -209,7 +196,7 @@ def fit(spec: Parametrization, target: Any, steps: int = 20, method: str = "als"
     xp = namespace(target, what=("target",))
     if not xp.isdtype(target.dtype, "real floating"):
         raise TuckerPeftError(f"target: expected a real floating dtype, got {target.dtype}")
-    steps = _check_int("steps", steps, 0)
+    steps = check_int(steps, "steps", 0)
     if not isinstance(method, str) or method.lower() not in ("als", "adam"):
         raise TuckerPeftError(f"method: expected 'als' or 'adam', got {method!r}")
     method = method.lower()
@@ -260,17 +247,18 @@ class _TuckerALS:
 
     def __init__(self, xp: Any, spec: Tucker, target: Any, scale: float, params: Params) -> None:
         self.xp, self.spec, self.target, self.scale = xp, spec, target, scale
-        self.modes = [n for n, r in enumerate(spec.ranks) if r is not None]
+        self.ranks = {n: r for n, r in enumerate(spec.ranks) if r is not None}
+        self.modes = list(self.ranks)
         self.factors: list[Any] = [params.get(f"factor_{n}") for n in range(spec.ndim)]
         # HOOI projects on the other factors, so they must be orthonormal: QR keeps their span.
         for n in self.modes:
             self.factors[n] = xp.linalg.qr(self.factors[n])[0]
         # A full-rank mode's orthonormal factor loses nothing: only the others are updated.
-        self.update = [n for n in self.modes if spec.ranks[n] < spec.shape[n]]
+        self.update = [n for n in self.modes if self.ranks[n] < spec.shape[n]]
         self.core = params["core"]
 
     def sweep(self) -> Params:
-        xp, rk = self.xp, self.spec.ranks
+        xp, rk = self.xp, self.ranks
         for n in self.update:
             others = [u if m != n else None for m, u in enumerate(self.factors)]
             y = multilinear_project(self.target, others)
@@ -426,7 +414,7 @@ def budget_sweep(target: Any, budgets: Sequence[int], kinds: Sequence[str] = ("t
     shape = tuple(target.shape)
     rows = []
     for budget in budgets:
-        budget = _check_int("budgets[i]", budget, 1)
+        budget = check_int(budget, "budgets[i]", 1)
         for kind in kinds:
             try:
                 spec = ranks.for_budget(kind, shape, budget, **dict((constraints or {}).get(kind, {})))

@@ -130,10 +130,8 @@ class Optimizer:
         new: Params = {}
         states: dict[str, dict[str, Any]] = {}
         for k, p in params.items():
-            st = self.state.get(k)
-            fresh = st is None
-            if fresh:
-                st = {s: self._init_slot(xp, p, s) for s in self.slots}
+            fresh = k not in self.state
+            st = {s: self._init_slot(xp, p, s) for s in self.slots} if fresh else self.state[k]
             new[k], states[k] = self._update(xp, p, grads[k], st, t, lr * self.lr_scale.get(k, 1.0), fresh)
         self.state, self.t = states, t
         return new

@@ -8,10 +8,9 @@ Tucker(shape=(64, 32, 3, 3), ranks=(13, 13, 3, 3))
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any, Sequence
 
-from ._base import Parametrization, check_shape, lookup
+from ._base import Parametrization, check_int, check_shape, lookup
 from ._decomp import leading_left_singular
 from ._dispatch import namespace
 from ._errors import RankError, TuckerPeftError, fmt_shape
@@ -46,14 +45,7 @@ def for_budget(kind: str, shape: Sequence[int], budget: int, **constraints: Any)
     """
     cls = lookup(kind)
     shape = check_shape(shape)
-    if isinstance(budget, bool):
-        raise TuckerPeftError(f"budget: expected a positive int, got {budget!r}")
-    try:
-        budget = operator.index(budget)
-    except TypeError:
-        raise TuckerPeftError(f"budget: expected a positive int, got {budget!r}") from None
-    if budget < 1:
-        raise TuckerPeftError(f"budget: expected a positive int, got {budget}")
+    budget = check_int(budget, "budget", 1)
     family = getattr(cls, "budget_family", None)
     if family is None:
         raise TuckerPeftError(f"kind {kind!r} does not support budget matching")
