@@ -158,12 +158,13 @@ def hosvd(tensor: Any, ranks: Any, *, sequential: bool = True) -> tuple[Any, tup
     return multilinear_project(tensor, factors), tuple(factors)
 
 
-def hooi(tensor: Any, ranks: Any, *, n_iter: int = 10, tol: float = 1e-8) -> tuple[Any, tuple[Any | None, ...]]:
+def hooi(tensor: Any, ranks: Any, *, n_iter: int = 10, tol: float | None = 1e-8) -> tuple[Any, tuple[Any | None, ...]]:
     """Higher-order orthogonal iteration, started from :func:`hosvd`.
 
     Each sweep refits every factor to the tensor projected on all the others.
     Stops after ``n_iter`` sweeps or when ``‖core‖²`` (which equals
-    ``‖tensor‖² − error²``) grows by less than ``tol`` relative.
+    ``‖tensor‖² − error²``) grows by no more than ``tol`` relative;
+    ``tol=None`` runs all ``n_iter`` sweeps (and reads nothing back to the host).
 
     Returns ``(core, factors)`` as :func:`hosvd`.
     """
@@ -175,17 +176,18 @@ def hooi(tensor: Any, ranks: Any, *, n_iter: int = 10, tol: float = 1e-8) -> tup
     factors = list(factors_t)
     # A full-rank factor spans its whole mode: refitting it cannot change the fit.
     modes = [n for n, r in enumerate(rk) if r is not None and r < tensor.shape[n]]
-    prev = float(xp.sum(core * core))
+    prev = float(xp.sum(core * core)) if tol is not None else 0.0
     for _ in range(n_iter):
         for n in modes:
             others = [u if m != n else None for m, u in enumerate(factors)]
             y = multilinear_project(tensor, others)
             factors[n] = leading_left_singular(xp, y, n, rk[n])[0]  # type: ignore[arg-type]
         core = multilinear_project(tensor, factors)
-        cur = float(xp.sum(core * core))
-        if cur - prev <= tol * max(cur, 1e-300):
-            break
-        prev = cur
+        if tol is not None:
+            cur = float(xp.sum(core * core))
+            if cur - prev <= tol * max(cur, 1e-300):
+                break
+            prev = cur
     return core, tuple(factors)
 
 
