@@ -436,22 +436,12 @@ def main(argv: list[str] | None = None) -> int:
                   + (" -- expect noisier ratios" if share > 0.1 else "") + "\n", flush=True)
         snap[0] = cpu_snapshot()
 
-    if "recon" in sections:
-        bench_reconstruct(shapes, reps_for, tables, checks, args.quick)
-        print(tables[-1].render(args.markdown), flush=True)
-        load_note()
-    if "hosvd" in sections:
-        bench_hosvd(shapes, reps_for, tables, checks, args.quick)
-        print(tables[-1].render(args.markdown), flush=True)
-        load_note()
-    if "hooi" in sections:
-        bench_hooi(shapes, reps_for, tables, infos, args.quick)
-        print(tables[-1].render(args.markdown), flush=True)
-        load_note()
-    if "vjp" in sections:
-        bench_vjp(shapes, reps_for, tables, infos, args.quick)
-        print(tables[-1].render(args.markdown), flush=True)
-        load_note()
+    for name, bench, sink in (("recon", bench_reconstruct, checks), ("hosvd", bench_hosvd, checks),
+                              ("hooi", bench_hooi, infos), ("vjp", bench_vjp, infos)):
+        if name in sections:
+            bench(shapes, reps_for, tables, sink, args.quick)
+            print(tables[-1].render(args.markdown), flush=True)
+            load_note()
 
     print("== Targets ==" if not args.markdown else "### Targets\n")
     if args.quick:
