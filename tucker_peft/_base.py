@@ -8,6 +8,7 @@ planned once per shape with opt_einsum.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from abc import ABC, abstractmethod
@@ -350,6 +351,7 @@ class Parametrization(ABC):
         got = contract_vjp(self._apply_eq, [x2] + ops, g2)
         return self._param_grads(xp, got[1:], folded, scale), xp.reshape(got[0], x.shape)
 
+    @functools.lru_cache(maxsize=256)  # noqa: B019 - specs are small, immutable and few
     def cost(self, n: int = 1) -> Cost:
         """FLOPs of reconstruction, vjp, and of applying ΔW to ``n`` inputs both ways."""
         views = self._views
