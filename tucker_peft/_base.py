@@ -274,6 +274,14 @@ class Parametrization(ABC):
             grads[name] = g if tuple(g.shape) == want else xp.reshape(g, want)
         return grads
 
+    def batch_shape(self, x: Any) -> tuple[int, ...]:
+        """The leading dims of inputs ``x`` of shape ``(*batch, *shape[1:])``; raises if the rest differs."""
+        tail = self.shape[1:]
+        got = tuple(getattr(x, "shape", ()))
+        if not hasattr(x, "shape") or len(got) < len(tail) or got[len(got) - len(tail):] != tail:
+            raise ParamsError(f"x: expected shape (*batch, {', '.join(map(str, tail))}), got {fmt_shape(got)}")
+        return got[: len(got) - len(tail)]
+
     def apply(self, params: Mapping[str, Any], x: Any, scale: float = 1.0, strategy: str = "auto") -> Any:
         """Contract ΔW with inputs over modes ``1..N-1``: ``y[..., i] = Σ ΔW[i, ...] x[..., ...]``.
 
@@ -293,9 +301,7 @@ class Parametrization(ABC):
         """
         xp = self.check_params(params, ("x", x))
         tail = self.shape[1:]
-        lead = tuple(x.shape[: x.ndim - len(tail)])
-        if x.ndim < len(tail) or tuple(x.shape[x.ndim - len(tail):]) != tail:
-            raise ParamsError(f"x: expected shape (*batch, {', '.join(map(str, tail))}), got {fmt_shape(x.shape)}")
+        lead = self.batch_shape(x)
         n = math.prod(lead)
         if strategy == "auto":
             strategy = self.cost(n).best_apply
@@ -328,15 +334,12 @@ class Parametrization(ABC):
         """
         xp = self.check_params(params, ("x", x), ("grad_out", grad_out))
         tail = self.shape[1:]
-        lead = tuple(x.shape[: x.ndim - len(tail)])
-        if x.ndim < len(tail) or tuple(x.shape[x.ndim - len(tail):]) != tail:
-            raise ParamsError(f"x: expected shape (*batch, {', '.join(map(str, tail))}), got {fmt_shape(x.shape)}")
+        lead = self.batch_shape(x)
         if tuple(grad_out.shape) != (*lead, self.shape[0]):
             raise ParamsError(f"grad_out: expected shape {fmt_shape((*lead, self.shape[0]))}, got {fmt_shape(grad_out.shape)}")
         n = math.prod(lead)
         if strategy == "auto":
-            c = self.cost(n)
-            strategy = "factorized" if c.apply_factorized < c.apply_rebuild else "rebuild"
+            strategy = self.cost(n).best_apply
         x2 = xp.reshape(x, (n, *tail))
         g2 = xp.reshape(grad_out, (n, self.shape[0]))
         if strategy == "rebuild":

@@ -156,17 +156,13 @@ class Adapter:
         return self.spec.cost(n).best_apply
 
     def _check_x(self, x: Any, W: Any) -> tuple[Any, tuple[int, ...], int]:
-        tail = self.spec.shape[1:]
-        if not hasattr(x, "shape") or x.ndim < len(tail) or tuple(x.shape[x.ndim - len(tail):]) != tail:
-            raise ParamsError(f"x: expected shape (*batch, {', '.join(map(str, tail))}), "
-                              f"got {fmt_shape(getattr(x, 'shape', ()))}")
+        lead = self.spec.batch_shape(x)
         extra = [("x", x)]
         if W is not None:
             if tuple(getattr(W, "shape", ())) != self.spec.shape:
                 raise ParamsError(f"W: expected shape {fmt_shape(self.spec.shape)}, got {fmt_shape(getattr(W, 'shape', ()))}")
             extra.append(("W", W))
         xp = self.spec.check_params(self.params, *extra)
-        lead = tuple(x.shape[: x.ndim - len(tail)])
         return xp, lead, math.prod(lead)
 
     def apply(self, x: Any, W: Any = None) -> Any:
