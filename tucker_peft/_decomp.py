@@ -158,6 +158,21 @@ def hosvd(tensor: Any, ranks: Any, *, sequential: bool = True) -> tuple[Any, tup
     return multilinear_project(tensor, factors), tuple(factors)
 
 
+def hooi_sweep(tensor: Any, factors: list[Any | None], ranks: Sequence[int | None]) -> Any:
+    """One HOOI sweep, in place on ``factors``; returns the new core ``tensor ×_n U_nᵀ``.
+
+    Each factor below full rank is refitted to ``tensor`` projected on all the
+    others (a full-rank factor spans its whole mode: refitting it cannot change
+    the fit). The factors must have orthonormal columns.
+    """
+    xp = namespace(tensor, what=("tensor",))
+    for n, r in enumerate(ranks):
+        if r is not None and r < tensor.shape[n]:
+            others = [u if m != n else None for m, u in enumerate(factors)]
+            factors[n] = leading_left_singular(xp, multilinear_project(tensor, others), n, r)[0]
+    return multilinear_project(tensor, factors)
+
+
 def hooi(tensor: Any, ranks: Any, *, n_iter: int = 10, tol: float | None = 1e-8) -> tuple[Any, tuple[Any | None, ...]]:
     """Higher-order orthogonal iteration, started from :func:`hosvd`.
 
@@ -174,15 +189,9 @@ def hooi(tensor: Any, ranks: Any, *, n_iter: int = 10, tol: float | None = 1e-8)
         raise TuckerPeftError(f"n_iter: expected an int >= 0, got {n_iter!r}")
     core, factors_t = hosvd(tensor, rk)
     factors = list(factors_t)
-    # A full-rank factor spans its whole mode: refitting it cannot change the fit.
-    modes = [n for n, r in enumerate(rk) if r is not None and r < tensor.shape[n]]
     prev = float(xp.sum(core * core)) if tol is not None else 0.0
     for _ in range(n_iter):
-        for n in modes:
-            others = [u if m != n else None for m, u in enumerate(factors)]
-            y = multilinear_project(tensor, others)
-            factors[n] = leading_left_singular(xp, y, n, rk[n])[0]  # type: ignore[arg-type]
-        core = multilinear_project(tensor, factors)
+        core = hooi_sweep(tensor, factors, rk)
         if tol is not None:
             cur = float(xp.sum(core * core))
             if cur - prev <= tol * max(cur, 1e-300):

@@ -22,7 +22,7 @@ import numpy as np
 from opt_einsum import get_symbol
 
 from ._base import Parametrization, check_int
-from ._decomp import leading_left_singular, multilinear_project
+from ._decomp import hooi_sweep
 from ._dispatch import contract, namespace, to_numpy
 from ._errors import RankError, TuckerPeftError, fmt_shape
 from .cp import CP
@@ -247,23 +247,15 @@ class _TuckerALS:
 
     def __init__(self, xp: Any, spec: Tucker, target: Any, scale: float, params: Params) -> None:
         self.xp, self.spec, self.target, self.scale = xp, spec, target, scale
-        self.ranks = {n: r for n, r in enumerate(spec.ranks) if r is not None}
-        self.modes = list(self.ranks)
+        self.modes = [n for n, r in enumerate(spec.ranks) if r is not None]
         self.factors: list[Any] = [params.get(f"factor_{n}") for n in range(spec.ndim)]
         # HOOI projects on the other factors, so they must be orthonormal: QR keeps their span.
         for n in self.modes:
             self.factors[n] = xp.linalg.qr(self.factors[n])[0]
-        # A full-rank mode's orthonormal factor loses nothing: only the others are updated.
-        self.update = [n for n in self.modes if self.ranks[n] < spec.shape[n]]
         self.core = params["core"]
 
     def sweep(self) -> Params:
-        xp, rk = self.xp, self.ranks
-        for n in self.update:
-            others = [u if m != n else None for m, u in enumerate(self.factors)]
-            y = multilinear_project(self.target, others)
-            self.factors[n] = leading_left_singular(xp, y, n, rk[n])[0]
-        self.core = multilinear_project(self.target, self.factors) / self.scale
+        self.core = hooi_sweep(self.target, self.factors, self.spec.ranks) / self.scale
         return self.params()
 
     def params(self) -> Params:
