@@ -1,0 +1,41 @@
+"""PyTorch binding: Tucker, CP and flattened-LoRA adapters on real ``nn.Module`` models.
+
+>>> from tucker_peft.backends.torch import AdapterConfig, inject, summary
+>>> model = inject(model, AdapterConfig(kind="tucker", budget="lora:8", target_modules=["conv2", "conv3"]))
+>>> print(summary(model))
+
+Supported layers: ``nn.Linear``, ``nn.Conv1d/2d/3d`` (any stride, padding,
+padding_mode, dilation and groups; ΔW has the weight's true shape
+``(out, in/groups, *kernel)``), ``nn.Embedding``, and any N-D parameter by
+path (``target_parameters``) through ``torch.nn.utils.parametrize``.
+"""
+
+from ._config import AdapterConfig
+from ._io import export_peft_lora, load_adapter, lora_factors, save_adapter
+from ._layers import AdaptedLayer, DeltaParametrization, DeltaWeight
+from ._model import (Summary, active_adapter, adapted_layers, adapter_names, add_adapter, delete_adapter, inject,
+                     merge, merge_and_unload, set_adapter, summary, trainable_parameters, unmerge)
+
+__all__ = [
+    "AdapterConfig",
+    "inject",
+    "add_adapter",
+    "set_adapter",
+    "delete_adapter",
+    "adapter_names",
+    "active_adapter",
+    "adapted_layers",
+    "summary",
+    "Summary",
+    "merge",
+    "unmerge",
+    "merge_and_unload",
+    "save_adapter",
+    "load_adapter",
+    "export_peft_lora",
+    "lora_factors",
+    "trainable_parameters",
+    "AdaptedLayer",
+    "DeltaWeight",
+    "DeltaParametrization",
+]

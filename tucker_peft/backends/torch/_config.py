@@ -1,0 +1,254 @@
+"""AdapterConfig: which layers get which delta, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from ... import ranks as _ranks
+from ..._base import Parametrization, kinds, lookup
+from ..._errors import RankError, TuckerPeftError, fmt_shape
+from ...cp import CP, max_cp_rank
+from ...lora import LoRA
+
+__all__ = ["AdapterConfig"]
+
+FORWARDS = ("auto", "rebuild", "factorized")
+INITS = ("zero", "hosvd")
+_LORA_REF = re.compile(r"^lora:(\d+)$")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_ranks(value: Any, what: str) -> Any:
+    if _is_int(value):
+        if value < 1:
+            raise TuckerPeftError(f"{what}: expected a positive int, got {value!r}")
+        return value
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) > 0 \
+            and all(v is None or (_is_int(v) and v >= 1) for v in value):
+        return tuple(value)
+    raise TuckerPeftError(f"{what}: expected a positive int or a per-mode tuple of positive ints/None, got {value!r}")
+
+
+def _check_budget(value: Any, what: str) -> Any:
+    if _is_int(value) and value >= 1:
+        return value
+    if isinstance(value, str) and _LORA_REF.match(value) and int(value[5:]) >= 1:
+        return value
+    raise TuckerPeftError(f"{what}: expected a positive int (parameters per layer) or 'lora:R', got {value!r}")
+
+
+def _check_targets(value: Any, what: str) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise TuckerPeftError(f"{what}: invalid regex {value!r} ({exc})") from None
+        return value
+    if isinstance(value, Sequence) and all(isinstance(v, str) and v for v in value):
+        return list(value)
+    raise TuckerPeftError(f"{what}: expected a list of names or a regex string, got {value!r}")
+
+
+def _check_pattern(value: Any, what: str, check: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise TuckerPeftError(f"{what}: expected a dict of regex to value, got {type(value).__name__}")
+    out = {}
+    for k, v in value.items():
+        if not isinstance(k, str):
+            raise TuckerPeftError(f"{what}: keys must be regex strings, got {k!r}")
+        try:
+            re.compile(k)
+        except re.error as exc:
+            raise TuckerPeftError(f"{what}: invalid regex {k!r} ({exc})") from None
+        out[k] = check(v, f"{what}[{k!r}]")
+    return out
+
+
+def _check_alpha(v: Any, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v == 0:
+        raise TuckerPeftError(f"{what}: expected a finite non-zero number, got {v!r}")
+    return float(v)
+
+
+def name_matches(name: str, target: str) -> bool:
+    """PEFT's rule for a listed name: the full name, or a suffix after a dot."""
+    return name == target or name.endswith("." + target)
+
+
+def pattern_matches(name: str, key: str) -> bool:
+    """A ``rank_pattern`` key: a regex that matches the whole name or a dotted suffix."""
+    return re.fullmatch(rf"(?:.*\.)?(?:{key})", name) is not None
+
+
+@dataclass
+class AdapterConfig:
+    """What to adapt and how.
+
+    Parameters
+    ----------
+    kind : str
+        A registered kind: ``'tucker'``, ``'tucker2'``, ``'cp'`` or ``'lora'``.
+    ranks : int or tuple of (int or None), optional
+        An int is clipped per mode to what each weight allows: ``ranks=8`` on a
+        depthwise ``(C, 1, 7, 7)`` kernel gives Tucker ranks ``(8, 1, 7, 7)``.
+        A tuple (Tucker only) is taken as given; a weight that cannot take it
+        is an error. Default 8 unless ``budget`` is given.
+    budget : int or str, optional
+        Instead of ``ranks``: parameters per layer, or ``'lora:R'`` for the
+        count of LoRA rank R on that layer (equal-budget comparisons).
+    alpha : float
+        The scale s: layers compute with ``W + s·ΔW``.
+    target_modules : list of str or str, optional
+        Module names (full, or a suffix after a dot, as PEFT) or one regex
+        matched against full names. Supported: ``nn.Linear``,
+        ``nn.Conv1d/2d/3d`` and ``nn.Embedding``.
+    target_parameters : list of str or str, optional
+        Parameter paths (or a regex) of any other N-D parameter, e.g. a stacked
+        expert weight ``'experts.w1'`` of shape ``(E, out, in)``.
+    rank_pattern, alpha_pattern : dict of regex to ranks / alpha
+        Per-layer overrides; a key matches a full name or a dotted suffix.
+    init : {'zero', 'hosvd'}
+        ``'zero'``: ΔW = 0 at the start. ``'hosvd'``: ΔW starts at the kind's
+        principal decomposition of the pretrained weight (HOSVD, CP-ALS or SVD)
+        and the base weight becomes the residual, so outputs are unchanged.
+    dropout : float
+        Dropout on the adapter's input; needs the factorised forward.
+    forward : {'auto', 'rebuild', 'factorized'}
+        ``'rebuild'`` merges ΔW into one op; ``'factorized'`` never builds it;
+        ``'auto'`` picks per layer and input size from the cost estimate.
+    trainable : list of str or str, optional
+        Extra base parameters to train (biases, norms, a head), by name or regex;
+        they are saved with the adapter.
+    kind_options : dict
+        Constraints for :func:`tucker_peft.ranks.for_budget` (Tucker: ``split``,
+        ``kernel``, ``fixed``).
+    seed : int
+        Seed of the random factors.
+    """
+
+    kind: str = "tucker"
+    ranks: Any = None
+    budget: Any = None
+    alpha: float = 1.0
+    target_modules: Any = None
+    target_parameters: Any = None
+    rank_pattern: dict[str, Any] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    init: str = "zero"
+    dropout: float = 0.0
+    forward: str = "auto"
+    trainable: Any = None
+    kind_options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, str) or self.kind not in kinds():
+            raise TuckerPeftError(f"kind: expected one of {list(kinds())}, got {self.kind!r}")
+        if self.ranks is not None and self.budget is not None:
+            raise TuckerPeftError(f"ranks/budget: give one of them, got ranks={self.ranks!r} and budget={self.budget!r}")
+        if self.ranks is None and self.budget is None:
+            self.ranks = 8
+        if self.ranks is not None:
+            self.ranks = _check_ranks(self.ranks, "ranks")
+            if isinstance(self.ranks, tuple) and self.kind in ("cp", "lora"):
+                raise TuckerPeftError(f"ranks: kind {self.kind!r} takes one int rank, got {self.ranks!r}")
+        if self.budget is not None:
+            self.budget = _check_budget(self.budget, "budget")
+        self.alpha = _check_alpha(self.alpha, "alpha")
+        self.target_modules = _check_targets(self.target_modules, "target_modules")
+        self.target_parameters = _check_targets(self.target_parameters, "target_parameters")
+        if self.target_modules is None and self.target_parameters is None:
+            raise TuckerPeftError("target_modules: expected module names or a regex (or target_parameters), got None")
+        self.rank_pattern = _check_pattern(self.rank_pattern, "rank_pattern", _check_ranks)
+        self.alpha_pattern = _check_pattern(self.alpha_pattern, "alpha_pattern", _check_alpha)
+        if self.init not in INITS:
+            raise TuckerPeftError(f"init: expected one of {list(INITS)}, got {self.init!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise TuckerPeftError(f"dropout: expected a float in [0, 1), got {self.dropout!r}")
+        self.dropout = float(self.dropout)
+        if self.forward not in FORWARDS:
+            raise TuckerPeftError(f"forward: expected one of {list(FORWARDS)}, got {self.forward!r}")
+        if self.forward == "rebuild" and self.dropout > 0:
+            raise TuckerPeftError("forward: 'rebuild' merges ΔW into the layer's own op, so it cannot drop out the "
+                                  f"adapter's input; expected 'auto' or 'factorized' with dropout={self.dropout}")
+        self.trainable = _check_targets(self.trainable, "trainable")
+        if not isinstance(self.kind_options, Mapping):
+            raise TuckerPeftError(f"kind_options: expected a dict, got {type(self.kind_options).__name__}")
+        self.kind_options = dict(self.kind_options)
+        if self.kind_options and self.budget is None:
+            raise TuckerPeftError("kind_options: only used with budget=, got ranks= instead")
+        if not _is_int(self.seed):
+            raise TuckerPeftError(f"seed: expected an int, got {self.seed!r}")
+
+    # -- (de)serialisation --------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; :meth:`from_dict` inverts it."""
+        d = dataclasses.asdict(self)
+        for k in ("ranks",):
+            if isinstance(d[k], tuple):
+                d[k] = list(d[k])
+        d["rank_pattern"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.rank_pattern.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "AdapterConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise TuckerPeftError(f"config: unknown fields {unknown}; expected a subset of {sorted(known)}")
+        return cls(**dict(d))
+
+    # -- per-layer resolution -------------------------------------------------
+    def _pattern(self, pattern: Mapping[str, Any], name: str) -> Any:
+        for key, value in pattern.items():
+            if pattern_matches(name, key):
+                return value
+        return None
+
+    def alpha_for(self, name: str) -> float:
+        a = self._pattern(self.alpha_pattern, name)
+        return self.alpha if a is None else a
+
+    def spec_for(self, name: str, shape: Sequence[int]) -> Parametrization:
+        """The spec of layer ``name`` with weight ``shape``; errors name the layer."""
+        shape = tuple(int(s) for s in shape)
+        r = self._pattern(self.rank_pattern, name)
+        try:
+            if r is None and self.budget is not None:
+                return _spec_for_budget(self.kind, shape, self.budget, self.kind_options)
+            return _spec_for_ranks(self.kind, shape, self.ranks if r is None else r)
+        except TuckerPeftError as exc:
+            raise RankError(f"layer {name!r} with weight {fmt_shape(shape)}: {exc}") from None
+
+
+def _spec_for_budget(kind: str, shape: tuple[int, ...], budget: Any, options: Mapping[str, Any]) -> Parametrization:
+    if isinstance(budget, str):
+        r = int(budget[5:])
+        ref = LoRA(shape, min(r, shape[0], math.prod(shape[1:])))
+        return _ranks.match(ref, kind, **options)
+    return _ranks.for_budget(kind, shape, budget, **options)
+
+
+def _spec_for_ranks(kind: str, shape: tuple[int, ...], r: Any) -> Parametrization:
+    cls = lookup(kind)
+    if kind in ("tucker", "tucker2"):
+        return cls(shape, r)
+    if isinstance(r, tuple):
+        raise RankError(f"kind {kind!r} takes one int rank, got {r!r}")
+    if cls is CP or (isinstance(cls, type) and issubclass(cls, CP)):
+        return cls(shape, min(r, max_cp_rank(shape)))
+    if cls is LoRA or (isinstance(cls, type) and issubclass(cls, LoRA)):
+        return cls(shape, min(r, shape[0], math.prod(shape[1:])))
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "shape"] if dataclasses.is_dataclass(cls) else []
+    if len(names) != 1:
+        raise RankError(f"kind {kind!r}: cannot tell which field takes the rank; use budget= instead")
+    return cls(shape, **{names[0]: r})

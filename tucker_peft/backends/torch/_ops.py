@@ -1,0 +1,216 @@
+"""The adapted op of a Linear or ConvNd, in three stages, and its fused autograd Function.
+
+Every kind on a layer weight ``W: (out, in/groups, *kernel)`` is written as
+
+    ΔW = P_out ×_0 S ×_1 P_in,   P_out: (out, m_out),  S: (m_out, m_in / mg, *kernel),  P_in: (in/groups, m_in)
+
+with ``P_out`` / ``P_in`` absent (identity) where the kind does not factor
+that mode, and ``mg`` the groups of the small middle op (``mg = R`` for CP,
+whose S is diagonal: a depthwise conv). Tucker: ``P = U_out, U_in``,
+``S = s·G ×_k U_k``; CP: ``P = a_out, a_in``, ``S = s·λ ∘ a_k``; LoRA:
+``P_out = B``, ``S = s·A``. The factorised forward is then
+``P_in``-projection → small conv with S → ``P_out``-expansion, and the fused
+forward's backward uses the same three stages, so that one step never pays
+for a full weight gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..._dispatch import contract
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_SPATIAL = "pqr"
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Static facts of one layer's op. ``nd = 0`` is a Linear."""
+
+    nd: int
+    groups: int = 1
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+
+    # -- primitive ops -------------------------------------------------------
+    def conv(self, x: torch.Tensor, w: torch.Tensor, groups: int, bias: Any = None) -> torch.Tensor:
+        if self.nd == 0:
+            return F.linear(x, w, bias)
+        return _CONV[self.nd](x, w, bias, self.stride, self.padding, self.dilation, groups)
+
+    def pointwise(self, x: torch.Tensor, w2d: torch.Tensor, groups: int) -> torch.Tensor:
+        """1×1 conv (a matmul for Linear) with weight ``(O, I)``."""
+        if self.nd == 0:
+            return x @ w2d.T
+        return _CONV[self.nd](x, w2d.reshape(*w2d.shape, *(1,) * self.nd), None, 1, 0, 1, groups)
+
+    def _backward(self, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, groups: int, mask: list[bool],
+                  point: bool = False) -> Any:
+        nd = self.nd
+        one = (1,) * nd
+        return torch.ops.aten.convolution_backward(
+            dy, x, w, None, one if point else self.stride, (0,) * nd if point else self.padding,
+            one if point else self.dilation, False, (0,) * nd, groups, mask)
+
+    def wgrad(self, dy: torch.Tensor, x: torch.Tensor, wshape: tuple[int, ...], groups: int,
+              point: bool = False) -> torch.Tensor:
+        """∂L/∂w of ``y = conv(x, w)`` given ``dy``; ``(O, I)`` for pointwise."""
+        if self.nd == 0:
+            return dy.T @ x
+        if point:
+            wshape = (*wshape, *(1,) * self.nd)
+        w = torch.empty(wshape, dtype=x.dtype, device=x.device)
+        g = self._backward(dy, x, w, groups, [False, True, False], point)[1]
+        return g.reshape(g.shape[:2]) if point else g
+
+    def dgrad(self, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, groups: int) -> torch.Tensor:
+        """∂L/∂x of ``y = conv(x, w)`` given ``dy``."""
+        if self.nd == 0:
+            return dy @ w
+        return self._backward(dy, x, w, groups, [True, False, False])[0]
+
+    # -- the three stages -----------------------------------------------------
+    def mid_weight(self, s: torch.Tensor, p_out: Any, mg: int) -> tuple[torch.Tensor, int]:
+        """S laid out for the middle conv over ``groups`` input groups, and that conv's groups."""
+        if p_out is None:
+            return s, self.groups * mg
+        return (s.repeat(self.groups, *(1,) * (s.ndim - 1)) if self.groups > 1 else s), self.groups * mg
+
+    def mid(self, x_r: torch.Tensor, s: torch.Tensor, p_out: Any, mg: int) -> torch.Tensor:
+        if self.nd == 0 and mg > 1:
+            return x_r * s.reshape(-1)
+        w, g = self.mid_weight(s, p_out, mg)
+        return self.conv(x_r, w, g)
+
+    def proj_in(self, x: torch.Tensor, p_in: torch.Tensor) -> torch.Tensor:
+        """``x`` → ``(N, groups·m_in, ...)``: P_inᵀ applied per group."""
+        w = p_in.T
+        if self.groups > 1:
+            w = w.repeat(self.groups, 1)
+        return self.pointwise(x, w, self.groups)
+
+    def proj_out(self, z: torch.Tensor, p_out: torch.Tensor) -> torch.Tensor:
+        """``(N, groups·m_out, ...)`` → ``(N, out, ...)``."""
+        return self.pointwise(z, p_out, self.groups)
+
+    def proj_out_t(self, dy: torch.Tensor, p_out: torch.Tensor) -> torch.Tensor:
+        """P_outᵀ per group: ``(N, out, ...)`` → ``(N, groups·m_out, ...)``."""
+        g = self.groups
+        if g == 1:
+            return self.pointwise(dy, p_out.T, 1)
+        o, m = p_out.shape
+        w = p_out.reshape(g, o // g, m).transpose(1, 2).reshape(g * m, o // g)
+        return self.pointwise(dy, w, g)
+
+    # -- ΔW -------------------------------------------------------------------
+    def reconstruct(self, p_out: Any, s: torch.Tensor, p_in: Any, mg: int) -> torch.Tensor:
+        """Dense ``P_out ×_0 S ×_1 P_in`` of shape ``(out, in/groups, *kernel)``."""
+        k = _SPATIAL[: s.ndim - 2]
+        if mg > 1:  # diagonal S: (m, 1, *kernel)
+            return contract(f"oa,a{k},ca->oc{k}", p_out, s.reshape(s.shape[0], *s.shape[2:]), p_in)
+        if p_out is not None and p_in is not None:
+            return contract(f"oa,ab{k},cb->oc{k}", p_out, s, p_in)
+        if p_out is not None:
+            return contract(f"oa,ac{k}->oc{k}", p_out, s)
+        if p_in is not None:
+            return contract(f"ob{k},cb->oc{k}", s, p_in)
+        return s
+
+
+class FusedDelta(torch.autograd.Function):
+    """``y = op(x, W + P_out ×_0 S ×_1 P_in) + b`` in one op; the backward never forms ∂L/∂W.
+
+    ∂L/∂x is the frozen layer's own input gradient with the merged weight. The
+    adapter's gradients come from the three small stages: with
+    ``x_r = P_inᵀx``, ``dy_r = P_outᵀdy``, ``z = S ⋆ x_r`` and
+    ``t = Sᵀ ⋆ dy_r``: ∂S = wgrad(x_r, dy_r), ∂P_out = Σ dy ⊗ z and
+    ∂P_in = Σ x ⊗ t.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Any, p_out: Any, s: torch.Tensor,
+                p_in: Any, geom: Geometry, mg: int) -> torch.Tensor:
+        dw = geom.reconstruct(p_out, s, p_in, mg)
+        w_eff = weight + dw if dw.dtype == weight.dtype else (weight.to(dw.dtype) + dw).to(weight.dtype)
+        ctx.geom, ctx.mg = geom, mg
+        ctx.save_for_backward(x, w_eff, p_out, s, p_in)
+        return geom.conv(x, w_eff, geom.groups, bias)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> Any:
+        x, w_eff, p_out, s, p_in = ctx.saved_tensors
+        geom: Geometry = ctx.geom
+        mg: int = ctx.mg
+        need = ctx.needs_input_grad
+        dy = dy.contiguous()
+        dx = geom.dgrad(dy, x, w_eff, geom.groups) if need[0] else None
+        dweight = geom.wgrad(dy, x, tuple(w_eff.shape), geom.groups) if need[1] else None
+        dbias = dy.sum(dim=[d for d in range(dy.ndim) if d != (1 if geom.nd else dy.ndim - 1)]) if need[2] else None
+        dp_out = ds = dp_in = None
+        if need[3] or need[4] or need[5]:
+            dt = x.dtype
+            po, sd, pi = _to(p_out, dt), s.to(dt), _to(p_in, dt)
+            x_r = geom.proj_in(x, pi) if pi is not None else x
+            dy_r = geom.proj_out_t(dy, po) if po is not None else dy
+            w_mid, g_mid = geom.mid_weight(sd, po, mg)
+            if need[4]:
+                if geom.nd == 0 and mg > 1:
+                    ds = (dy_r * x_r).sum(0).reshape(s.shape)
+                else:
+                    ds = geom.wgrad(dy_r, x_r, tuple(w_mid.shape), g_mid)
+                    if po is not None and geom.groups > 1:
+                        ds = ds.reshape(geom.groups, *s.shape).sum(0)
+                ds = ds.to(s.dtype)
+            if need[3]:
+                z = geom.mid(x_r, sd, po, mg)
+                dp_out = geom.wgrad(dy, z, tuple(p_out.shape), geom.groups, point=True).to(p_out.dtype)
+            if need[5]:
+                if geom.nd == 0 and mg > 1:
+                    t = dy_r * sd.reshape(-1)
+                else:
+                    t = geom.dgrad(dy_r, x_r, w_mid, g_mid)
+                m_in = p_in.shape[1]
+                gp = geom.wgrad(t, x, (geom.groups * m_in, p_in.shape[0]), geom.groups, point=True)
+                if geom.groups > 1:
+                    gp = gp.reshape(geom.groups, m_in, -1).sum(0)
+                dp_in = gp.T.to(p_in.dtype)
+        return dx, dweight, dbias, dp_out, ds, dp_in, None, None
+
+
+def _to(t: Any, dtype: torch.dtype) -> Any:
+    return None if t is None else t.to(dtype)
+
+
+def factorized(geom: Geometry, x: torch.Tensor, p_out: Any, s: torch.Tensor, p_in: Any, mg: int) -> torch.Tensor:
+    """``ΔW ⋆ x`` through the three stages, with autograd; ΔW is never built."""
+    dt = x.dtype
+    po, sd, pi = _to(p_out, dt), s.to(dt), _to(p_in, dt)
+    x_r = geom.proj_in(x, pi) if pi is not None else x
+    z = geom.mid(x_r, sd, po, mg)
+    return geom.proj_out(z, po) if po is not None else z
+
+
+def stage_costs(geom: Geometry, wshape: tuple[int, ...], p_out: Any, s_shape: tuple[int, ...], p_in: Any,
+                mg: int) -> tuple[int, int]:
+    """Multiply-adds of (rebuilding ΔW, one output position of the factorised chain)."""
+    out, cg, *kernel = wshape
+    k = math.prod(kernel)
+    g = geom.groups
+    m_out, m_in = s_shape[0], (s_shape[1] * mg)
+    mid_out = g * m_out if p_out is not None else out
+    per_pos = (g * cg * m_in if p_in is not None else 0) + mid_out * (s_shape[1]) * k \
+        + (out * m_out if p_out is not None else 0)
+    if mg > 1:
+        recon = out * m_out * k + out * cg * m_out * k
+    else:
+        a = out * m_out * s_shape[1] * k if p_out is not None else 0
+        b = out * cg * m_in * k if p_in is not None else 0
+        recon = a + b
+    return recon, per_pos
