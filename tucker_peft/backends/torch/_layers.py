@@ -76,7 +76,8 @@ class DeltaWeight(nn.Module):
         self._structured = isinstance(spec, (Tucker, CP, LoRA)) and len(spec.shape) >= 2
         if isinstance(spec, Tucker) and len(spec.shape) > 2:
             self._keq, self._kfac = _kernel_equation(spec)
-        self._costs: dict[Any, tuple[int, int]] = {}
+        self._costs: dict[Any, tuple[int, int, int]] = {}
+        self._staged: bool | None = None  # tests force either backward of the fused rebuild
 
     @property
     def has_init(self) -> bool:
@@ -120,20 +121,25 @@ class DeltaWeight(nn.Module):
             return p["B"], (p["A"] * s).reshape(spec.rank, *spec.shape[1:]), None, 1
         raise TuckerPeftError(f"kind {spec.kind!r} has no three-stage form")  # pragma: no cover
 
-    def strategy(self, geom: Geometry, positions: int, training: bool) -> str:
-        """'rebuild' or 'factorized' for an input with ``positions`` output positions."""
+    def strategy(self, geom: Geometry, positions: int, training: bool) -> tuple[str, bool]:
+        """('rebuild' or 'factorized', staged backward?) for an input with ``positions`` output positions."""
         if not self._structured:
-            return "rebuild"
-        if self.dropout is not None and training:
-            return "factorized"
-        if self.forward_mode != "auto":
-            return self.forward_mode
+            return "rebuild", False
         if geom not in self._costs:
             p_out, s, p_in, mg = self.views()
             self._costs[geom] = stage_costs(geom, self.spec.shape, p_out, tuple(s.shape), p_in, mg)
-        recon, per_pos = self._costs[geom]
-        # Rebuild pays ΔW and W+ΔW once; the factorised chain runs forward and again for ∂x.
-        return "rebuild" if recon + 2 * math.prod(self.spec.shape) <= 2 * per_pos * positions else "factorized"
+        recon, chain, staged = self._costs[geom]
+        full = math.prod(self.spec.shape)  # the full weight gradient, per position
+        # The stages make several passes over activations: take them when clearly fewer multiply-adds.
+        use_stages = 2 * staged < full if self._staged is None else self._staged
+        if self.dropout is not None and training:
+            return "factorized", use_stages
+        if self.forward_mode != "auto":
+            return self.forward_mode, use_stages
+        # Rebuild pays ΔW and W+ΔW once; the factorised chain runs forward, again for ∂x, and adds outputs.
+        rebuild = recon + 2 * full
+        fact = positions * (2 * chain + 4 * self.spec.shape[0])
+        return ("rebuild" if rebuild <= fact else "factorized"), use_stages
 
 
 def _geometry(base: nn.Module) -> Geometry:
@@ -215,8 +221,9 @@ class AdaptedLayer(nn.Module):
             x = x.unsqueeze(0)
         positions = x.shape[0] * (math.prod(x.shape[2:]) // max(1, math.prod(geom.stride)) if geom.nd else 1)
         p_out, s, p_in, mg = d.views()
-        if d.strategy(geom, positions, self.training) == "rebuild":
-            y = FusedDelta.apply(self._pad(x), base.weight, base.bias, p_out, s, p_in, geom, mg)
+        mode, staged = d.strategy(geom, positions, self.training)
+        if mode == "rebuild":
+            y = FusedDelta.apply(self._pad(x), base.weight, base.bias, p_out, s, p_in, geom, mg, staged)
         else:
             xp = self._pad(x)
             y = geom.conv(xp, base.weight, geom.groups, base.bias)
@@ -230,7 +237,7 @@ class AdaptedLayer(nn.Module):
         base: nn.Embedding = self.base_layer  # type: ignore[assignment]
         kw = dict(padding_idx=base.padding_idx, max_norm=None, norm_type=base.norm_type,
                   scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
-        if not d._structured or d.strategy(self.geometry, idx.numel(), self.training) == "rebuild":
+        if not d._structured or d.strategy(self.geometry, idx.numel(), self.training)[0] == "rebuild":
             return F.embedding(idx, base.weight + d.delta_weight().to(base.weight.dtype), **kw)
         p_out, s, p_in, mg = d.views()
         dt = base.weight.dtype

@@ -136,10 +136,10 @@ class FusedDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Any, p_out: Any, s: torch.Tensor,
-                p_in: Any, geom: Geometry, mg: int) -> torch.Tensor:
+                p_in: Any, geom: Geometry, mg: int, staged: bool = True) -> torch.Tensor:
         dw = geom.reconstruct(p_out, s, p_in, mg)
         w_eff = weight + dw if dw.dtype == weight.dtype else (weight.to(dw.dtype) + dw).to(weight.dtype)
-        ctx.geom, ctx.mg = geom, mg
+        ctx.geom, ctx.mg, ctx.staged = geom, mg, staged
         ctx.save_for_backward(x, w_eff, p_out, s, p_in)
         return geom.conv(x, w_eff, geom.groups, bias)
 
@@ -154,7 +154,16 @@ class FusedDelta(torch.autograd.Function):
         dweight = geom.wgrad(dy, x, tuple(w_eff.shape), geom.groups) if need[1] else None
         dbias = dy.sum(dim=[d for d in range(dy.ndim) if d != (1 if geom.nd else dy.ndim - 1)]) if need[2] else None
         dp_out = ds = dp_in = None
-        if need[3] or need[4] or need[5]:
+        if (need[3] or need[4] or need[5]) and not ctx.staged:
+            # Thin layers (few input channels): one full weight gradient is cheaper than the stages.
+            dw = dweight if dweight is not None else geom.wgrad(dy, x, tuple(w_eff.shape), geom.groups)
+            with torch.enable_grad():
+                leaves = [None if t is None else t.detach().requires_grad_(True) for t in (p_out, s, p_in)]
+                rec = geom.reconstruct(*leaves, mg)
+                got = torch.autograd.grad(rec, [t for t in leaves if t is not None], dw.to(rec.dtype))
+            it = iter(got)
+            dp_out, ds, dp_in = (None if t is None else next(it) for t in leaves)
+        elif need[3] or need[4] or need[5]:
             dt = x.dtype
             po, sd, pi = _to(p_out, dt), s.to(dt), _to(p_in, dt)
             x_r = geom.proj_in(x, pi) if pi is not None else x
@@ -181,7 +190,7 @@ class FusedDelta(torch.autograd.Function):
                 if geom.groups > 1:
                     gp = gp.reshape(geom.groups, m_in, -1).sum(0)
                 dp_in = gp.T.to(p_in.dtype)
-        return dx, dweight, dbias, dp_out, ds, dp_in, None, None
+        return dx, dweight, dbias, dp_out, ds, dp_in, None, None, None
 
 
 def _to(t: Any, dtype: torch.dtype) -> Any:
@@ -198,19 +207,20 @@ def factorized(geom: Geometry, x: torch.Tensor, p_out: Any, s: torch.Tensor, p_i
 
 
 def stage_costs(geom: Geometry, wshape: tuple[int, ...], p_out: Any, s_shape: tuple[int, ...], p_in: Any,
-                mg: int) -> tuple[int, int]:
-    """Multiply-adds of (rebuilding ΔW, one output position of the factorised chain)."""
+                mg: int) -> tuple[int, int, int]:
+    """Multiply-adds of rebuilding ΔW, and per output position of the factorised chain and of the staged backward."""
     out, cg, *kernel = wshape
     k = math.prod(kernel)
     g = geom.groups
-    m_out, m_in = s_shape[0], (s_shape[1] * mg)
-    mid_out = g * m_out if p_out is not None else out
-    per_pos = (g * cg * m_in if p_in is not None else 0) + mid_out * (s_shape[1]) * k \
-        + (out * m_out if p_out is not None else 0)
+    m_out, m_in = s_shape[0], s_shape[1] * mg
+    mid = (g * m_out if p_out is not None else out) * s_shape[1] * k
+    proj_in = g * cg * m_in if p_in is not None else 0
+    proj_out = out * m_out if p_out is not None else 0
+    chain = proj_in + mid + proj_out
+    # Staged backward: x_r, dy_r, ∂S, and z / ∂P_out, t / ∂P_in where those factors exist.
+    staged = proj_in + proj_out + mid + (mid + proj_out if p_out is not None else 0) + (mid + proj_in if p_in is not None else 0)
     if mg > 1:
         recon = out * m_out * k + out * cg * m_out * k
     else:
-        a = out * m_out * s_shape[1] * k if p_out is not None else 0
-        b = out * cg * m_in * k if p_in is not None else 0
-        recon = a + b
-    return recon, per_pos
+        recon = (out * m_out * s_shape[1] * k if p_out is not None else 0) + (out * cg * m_in * k if p_in is not None else 0)
+    return recon, chain, staged
