@@ -1,0 +1,420 @@
+"""PyTorch binding at model level: config, inject, summary, adapters by name, merge, save/load, PEFT export."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import tucker_peft as tp  # noqa: E402
+from tucker_peft.backends.torch import (AdapterConfig, AdaptedLayer, adapted_layers, adapter_names,  # noqa: E402
+                                        active_adapter, delete_adapter, export_peft_lora, inject, load_adapter,
+                                        merge, merge_and_unload, save_adapter, set_adapter, summary,
+                                        trainable_parameters, unmerge)
+
+KINDS = ["tucker", "tucker2", "cp", "lora"]
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.conv2 = nn.Conv2d(8, 12, 3, stride=2)
+        self.head = nn.Linear(12 * 4 + 6, 5)
+
+    def forward(self, x, idx):
+        h = torch.relu(self.conv1(x))
+        h = torch.relu(self.dw(h))
+        h = self.conv2(h).mean(dim=3).flatten(1)
+        return self.head(torch.cat([h, self.emb(idx).mean(1)], 1))
+
+
+TARGETS = ["conv1", "dw", "conv2", "head", "emb"]
+
+
+def _net(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return Net().to(dtype)
+
+
+def _inputs(dtype=torch.float64):
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(2, 3, 9, 9, generator=g, dtype=dtype), torch.randint(0, 10, (2, 3), generator=g)
+
+
+def _perturb(model, seed=1, only=None):
+    g = torch.Generator().manual_seed(seed)
+    for _, h in adapted_layers(model):
+        for n, d in h.adapters.items():
+            if only is not None and n != only:
+                continue
+            for p in d.params.values():
+                p.data.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# -- config -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(kind="nope"), "kind: expected one of"),
+    (dict(ranks=0), "ranks: expected a positive int"),
+    (dict(ranks=4, budget=100), "give one of them"),
+    (dict(budget="lora:x"), "budget: expected"),
+    (dict(kind="cp", ranks=(2, 2)), "takes one int rank"),
+    (dict(alpha=float("nan")), "alpha: expected a finite"),
+    (dict(init="svd"), "init: expected one of"),
+    (dict(dropout=1.5), "dropout: expected a float"),
+    (dict(forward="fast"), "forward: expected one of"),
+    (dict(forward="rebuild", dropout=0.1), "cannot drop out"),
+    (dict(target_modules=None), "target_modules: expected module names"),
+    (dict(target_modules="conv[", ), "invalid regex"),
+    (dict(rank_pattern={"conv1": -1}), r"rank_pattern\['conv1'\]"),
+])
+def test_config_errors_name_the_field(kw, match):
+    args = dict(target_modules=["conv1"]) | kw
+    with pytest.raises(tp.TuckerPeftError, match=match):
+        AdapterConfig(**args)
+
+
+def test_config_round_trips_through_dict():
+    cfg = AdapterConfig(kind="tucker", ranks=(4, 2, None, None), target_modules="conv.*", rank_pattern={"conv2": 3},
+                        alpha=2.0, trainable=["head.bias"])
+    again = AdapterConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+
+
+def test_int_ranks_clip_per_mode_and_depthwise_gets_true_shape():
+    m = _net()
+    inject(m, AdapterConfig(kind="tucker", ranks=8, target_modules=["dw", "conv1"]))
+    specs = {h.layer_name: h.adapters["default"].spec for _, h in adapted_layers(m)}
+    assert specs["dw"].shape == (8, 1, 3, 3) and specs["dw"].ranks == (8, 1, 3, 3)
+    assert specs["conv1"].ranks == (8, 3, 3, 3)
+
+
+def test_budget_matches_lora_and_rank_pattern_overrides():
+    m = _net()
+    inject(m, AdapterConfig(kind="tucker", budget="lora:2", target_modules=["conv1", "conv2", "head"],
+                            rank_pattern={"head": 3}))
+    for _, h in adapted_layers(m):
+        spec = h.adapters["default"].spec
+        if h.layer_name == "head":
+            assert spec.ranks == (3, 3)
+        else:
+            assert spec == tp.ranks.match(tp.LoRA(spec.shape, 2), "tucker")
+            assert spec.num_params <= tp.LoRA(spec.shape, 2).num_params
+
+
+def test_bad_targets_and_ranks_leave_model_unchanged():
+    m = _net()
+    before = _state(m)
+    with pytest.raises(tp.TuckerPeftError, match="matched nothing.*adaptable layers of this model: 'emb', 'conv1'"):
+        inject(m, AdapterConfig(target_modules=["nonexistent"]))
+    with pytest.raises(tp.RankError, match="layer 'conv1' with weight \\(8, 3, 3, 3\\)"):
+        inject(m, AdapterConfig(kind="tucker", ranks=(4, 4, 9, 3), target_modules=["conv2", "conv1"]))
+    with pytest.raises(tp.TuckerPeftError, match="adapter_name: .*no dots.*got 'a.b'"):
+        inject(m, AdapterConfig(target_modules=["dw"]), adapter_name="a.b")
+    assert not list(adapted_layers(m))
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert all(p.requires_grad for p in m.parameters())
+
+
+def test_inject_freezes_base_and_trains_extra_by_pattern():
+    m = _net()
+    inject(m, AdapterConfig(kind="cp", ranks=2, target_modules=TARGETS, trainable=["head.bias"]))
+    names = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert "head.base_layer.bias" in names
+    assert all(".adapters.default." in n for n in names - {"head.base_layer.bias"})
+    assert trainable_parameters(m) == sum(h.adapters["default"].spec.num_params for _, h in adapted_layers(m)) + 5
+
+
+def test_summary_lists_each_layer():
+    m = _net()
+    inject(m, AdapterConfig(kind="tucker", ranks=2, target_modules=TARGETS))
+    s = summary(m)
+    assert [r["layer"] for r in s.rows] == ["emb", "conv1", "dw", "conv2", "head"]
+    row = s.rows[1]
+    assert row["shape"] == (8, 3, 3, 3) and row["ranks"] == "(2, 2, 2, 2)"
+    assert row["params"] == tp.Tucker((8, 3, 3, 3), 2).num_params
+    assert abs(row["percent"] - 100 * row["params"] / (8 * 27)) < 1e-9
+    text = str(s)
+    assert "conv1" in text and "trainable:" in text
+
+
+# -- training behaviour ------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_step_changes_only_adapter(kind):
+    m = _net(dtype=torch.float32)
+    x, idx = _inputs(torch.float32)
+    base = {k: v.clone() for k, v in m.state_dict().items()}
+    inject(m, AdapterConfig(kind=kind, ranks=2, target_modules=TARGETS, dropout=0.1, alpha=4.0))
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = m(x, idx).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    sd = {k.replace(".base_layer", ""): v for k, v in m.state_dict().items() if ".adapters." not in k}
+    assert all(torch.equal(base[k], sd[k]) for k in base)
+
+
+# -- merging -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_unmerge_and_unload(kind):
+    m = _net()
+    x, idx = _inputs()
+    inject(m, AdapterConfig(kind=kind, ranks=3, target_modules=TARGETS))
+    _perturb(m)
+    w0 = {p: h.base_layer.weight.detach().clone() for p, h in adapted_layers(m)}
+    y = m(x, idx)
+    merge(m)
+    torch.testing.assert_close(m(x, idx), y)
+    assert all(not torch.equal(h.base_layer.weight, w0[p]) for p, h in adapted_layers(m))
+    unmerge(m)
+    for p, h in adapted_layers(m):
+        torch.testing.assert_close(h.base_layer.weight, w0[p], rtol=0, atol=1e-14)
+    plain = merge_and_unload(m)
+    assert not any(isinstance(mod, AdaptedLayer) for mod in plain.modules())
+    assert type(plain.conv1) is nn.Conv2d
+    torch.testing.assert_close(plain(x, idx), y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_merge_accumulates_half_weights_in_fp32(dtype):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 8)).to(dtype)
+    inject(m, AdapterConfig(kind="tucker", ranks=4, target_modules=["0"], alpha=1e-3))
+    _perturb(m)
+    h = m[0]
+    d = h.adapters["default"]
+    assert next(iter(d.params.values())).dtype == torch.float32
+    w = h.base_layer.weight.detach().clone()
+    expect = (w.float() + d.delta_weight().detach()).to(dtype)
+    merge(m)
+    assert torch.equal(h.base_layer.weight, expect)
+    unmerge(m)
+    torch.testing.assert_close(h.base_layer.weight.float(), w.float(), rtol=0,
+                               atol=2 * torch.finfo(dtype).eps * w.float().abs().max().item())
+    x = torch.randn(3, 16).to(dtype)
+    assert m(x).dtype == dtype
+
+
+def test_merged_adapter_blocks_switching():
+    m = _net()
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv1"]), "a")
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv1"]), "b")
+    merge(m)
+    with pytest.raises(tp.TuckerPeftError, match="unmerge before switching"):
+        set_adapter(m, "a")
+    with pytest.raises(tp.TuckerPeftError, match="unmerge it before deleting"):
+        delete_adapter(m, "b")
+
+
+# -- several adapters ----------------------------------------------------------------
+
+def test_several_named_adapters():
+    m = _net()
+    x, idx = _inputs()
+    y0 = m(x, idx).detach()
+    inject(m, AdapterConfig(kind="tucker", ranks=2, target_modules=["conv1", "conv2"]), "t")
+    _perturb(m, 1)
+    yt = m(x, idx).detach()
+    inject(m, AdapterConfig(kind="cp", ranks=2, target_modules=["conv2", "head"]), "c")
+    assert adapter_names(m) == ["t", "c"] and active_adapter(m) == "c"
+    _perturb(m, 2, only="c")
+    yc = m(x, idx).detach()
+    assert not torch.allclose(yt, yc)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert all(".adapters.c." in n for n in trainable)
+    set_adapter(m, "t")
+    torch.testing.assert_close(m(x, idx), yt)
+    set_adapter(m, None)
+    torch.testing.assert_close(m(x, idx), y0)
+    set_adapter(m, "c")
+    torch.testing.assert_close(m(x, idx), yc)
+    delete_adapter(m, "t")
+    assert adapter_names(m) == ["c"]
+    assert type(m.conv1) is nn.Conv2d  # no adapter left there: plain module again
+    torch.testing.assert_close(m(x, idx), yc)
+    with pytest.raises(tp.TuckerPeftError, match="expected one of \\['c'\\]"):
+        set_adapter(m, "t")
+
+
+def test_hosvd_adapter_cannot_share_a_weight():
+    m = _net()
+    inject(m, AdapterConfig(kind="tucker", ranks=2, target_modules=["conv1"], init="hosvd"), "h")
+    with pytest.raises(tp.TuckerPeftError, match="cannot share the weight"):
+        inject(m, AdapterConfig(kind="tucker", ranks=2, target_modules=["conv1"]), "z")
+    w = m.conv1.base_layer.weight.detach().clone()
+    delete_adapter(m, "h")
+    ref = _net().conv1.weight
+    torch.testing.assert_close(m.conv1.weight, ref)
+    assert not torch.equal(w, ref)
+
+
+# -- save / load ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("init", ["zero", "hosvd"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_load_round_trip(tmp_path, kind, init):
+    m = _net()
+    x, idx = _inputs()
+    inject(m, AdapterConfig(kind=kind, ranks=2, target_modules=TARGETS, init=init, trainable=["head.bias"]))
+    _perturb(m)
+    with torch.no_grad():
+        m.head.base_layer.bias.add_(1.0)
+    y = m(x, idx).detach()
+    save_adapter(m, tmp_path / "ad")
+    assert sorted(os.listdir(tmp_path / "ad")) == ["adapter_config.json", "adapter_model.safetensors"]
+    meta = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert meta["library_version"] == tp.__version__
+    assert meta["layers"]["conv1.weight"]["base_shape"] == [8, 3, 3, 3]
+    assert meta["layers"]["conv1.weight"]["spec"]["kind"] == kind
+    fresh = _net()
+    load_adapter(fresh, tmp_path / "ad")
+    torch.testing.assert_close(fresh(x, idx), y)
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == \
+        {n for n, p in m.named_parameters() if p.requires_grad}
+
+
+def test_load_into_a_different_model_fails_cleanly(tmp_path):
+    m = _net()
+    inject(m, AdapterConfig(kind="tucker", ranks=2, target_modules=TARGETS))
+    save_adapter(m, tmp_path / "ad")
+
+    class Other(Net):
+        def __init__(self):
+            super().__init__()
+            self.conv2 = nn.Conv2d(8, 16, 3, stride=2)
+
+    other = Other().double()
+    before = _state(other)
+    with pytest.raises(tp.StateDictError, match=r"conv2.weight: adapter is for weight shape \(12, 8, 3, 3\), "
+                                                r"the model's is \(16, 8, 3, 3\).*"):
+        load_adapter(other, tmp_path / "ad")
+    assert not list(adapted_layers(other))
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    small = nn.Sequential(nn.Linear(3, 3))
+    with pytest.raises(tp.StateDictError, match="no such weight in the model"):
+        load_adapter(small, tmp_path / "ad")
+
+
+def test_load_rejects_truncated_and_tampered_files(tmp_path):
+    m = _net()
+    inject(m, AdapterConfig(kind="cp", ranks=2, target_modules=TARGETS))
+    save_adapter(m, tmp_path / "ad")
+    f = tmp_path / "ad" / "adapter_model.safetensors"
+    data = f.read_bytes()
+    fresh = _net()
+    before = _state(fresh)
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(tp.StateDictError, match="corrupt or truncated"):
+        load_adapter(fresh, tmp_path / "ad")
+    f.write_bytes(data)
+    meta_f = tmp_path / "ad" / "adapter_config.json"
+    meta = json.loads(meta_f.read_text())
+    meta["layers"]["conv1.weight"]["spec"]["rank"] = 3
+    meta_f.write_text(json.dumps(meta))
+    with pytest.raises(tp.StateDictError, match=r"conv1.weight::weights: expected shape \(3,\), got \(2,\)"):
+        load_adapter(fresh, tmp_path / "ad")
+    meta_f.write_text("{not json")
+    with pytest.raises(tp.StateDictError, match="not valid JSON"):
+        load_adapter(fresh, tmp_path / "ad")
+    with pytest.raises(tp.StateDictError, match="does not exist"):
+        load_adapter(fresh, tmp_path / "missing")
+    assert not list(adapted_layers(fresh))
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+
+def test_save_is_atomic_and_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    m = _net()
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=TARGETS))
+    save_adapter(m, tmp_path / "ad")
+    old = (tmp_path / "ad" / "adapter_model.safetensors").read_bytes()
+    _perturb(m)
+    import safetensors.torch
+
+    def boom(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(m, tmp_path / "ad")
+    assert (tmp_path / "ad" / "adapter_model.safetensors").read_bytes() == old
+    assert sorted(os.listdir(tmp_path / "ad")) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_load_twice_under_same_name_is_refused(tmp_path):
+    m = _net()
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv1"]))
+    save_adapter(m, tmp_path / "ad")
+    with pytest.raises(tp.StateDictError, match="already exists"):
+        load_adapter(m, tmp_path / "ad")
+    load_adapter(m, tmp_path / "ad", adapter_name="again", is_trainable=False)
+    assert adapter_names(m) == ["default", "again"] and active_adapter(m) == "again"
+    assert trainable_parameters(m) == 0
+
+
+# -- export to PEFT --------------------------------------------------------------------
+
+def test_lora_factors_are_exact():
+    from tucker_peft.backends.torch import lora_factors
+    for kind in KINDS:
+        for init in ("zero", "hosvd"):
+            m = _net()
+            inject(m, AdapterConfig(kind=kind, ranks=3, target_modules=TARGETS, init=init, alpha=1.7))
+            _perturb(m)
+            for _, h in adapted_layers(m):
+                d = h.adapters["default"]
+                b, a = lora_factors(d)
+                dw = d.delta_weight() - (d.init_delta() if d.has_init else 0)
+                torch.testing.assert_close(b @ a, dw.detach().reshape(dw.shape[0], -1))
+                if kind in ("tucker", "tucker2") and init == "zero":
+                    assert b.shape[1] == (d.spec.ranks[0] or d.spec.shape[0])
+                if kind == "cp" and init == "zero":
+                    assert b.shape[1] == d.spec.rank
+
+
+@pytest.mark.parametrize("init", ["zero", "hosvd"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_peft_lora_loads_in_peft_with_same_outputs(tmp_path, kind, init):
+    peft = pytest.importorskip("peft")
+    m = _net()
+    x, idx = _inputs()
+    inject(m, AdapterConfig(kind=kind, ranks=3, target_modules=TARGETS, init=init, alpha=0.8))
+    _perturb(m)
+    y = m(x, idx).detach()
+    export_peft_lora(m, tmp_path / "peft")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns that grouped-conv LoRA cannot merge
+        pm = peft.PeftModel.from_pretrained(_net(), str(tmp_path / "peft"))
+    torch.testing.assert_close(pm(x, idx), y)
+
+
+def test_export_refuses_what_peft_cannot_hold(tmp_path):
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, dilation=2))
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["0"]))
+    with pytest.raises(tp.TuckerPeftError, match="ignores dilation"):
+        export_peft_lora(m, tmp_path / "x")
+    m = _net()
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv1"], trainable=["head.bias"]))
+    with pytest.raises(tp.TuckerPeftError, match="head.bias"):
+        export_peft_lora(m, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
