@@ -10,12 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..._base import Parametrization
-from ..._dispatch import contract
 from ..._errors import TuckerPeftError
 from ...cp import CP
 from ...lora import LoRA
 from ...tucker import Tucker
-from ._ops import FusedDelta, Geometry, factorized, stage_costs
+from ._ops import FusedDelta, Geometry, contract, factorized, stage_costs
 
 __all__ = ["DeltaWeight", "AdaptedLayer", "DeltaParametrization", "SUPPORTED"]
 

@@ -23,7 +23,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..._dispatch import contract
+from ..._dispatch import contract as _planned
+
+
+def contract(eq: str, *ops: torch.Tensor) -> torch.Tensor:
+    """The core's cached plan in eager mode; plain ``torch.einsum`` while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return torch.einsum(eq, *ops)
+    return _planned(eq, *ops)
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _SPATIAL = "pqr"

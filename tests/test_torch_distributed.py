@@ -1,0 +1,88 @@
+"""Adapted models under DistributedDataParallel (2 CPU processes, gloo) and torch.compile."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+from torch import nn  # noqa: E402
+
+from tucker_peft.backends.torch import AdapterConfig, adapted_layers, inject  # noqa: E402
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2, padding=1),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: str, kind: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = inject(_model(), AdapterConfig(kind=kind, ranks=3, target_modules=["0", "2", "5"], alpha=2.0))
+        base = {k: v.detach().clone() for k, v in model.state_dict().items() if ".adapters." not in k}
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=0.05)
+        g = torch.Generator().manual_seed(100 + rank)  # different data on each rank
+        for _ in range(3):
+            x = torch.randn(4, 3, 6, 6, generator=g)
+            loss = ddp(x).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        torch.save({"state": state, "base": base}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["tucker"])
+def test_ddp_gloo_two_processes(tmp_path, kind):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), kind), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt")
+    r1 = torch.load(tmp_path / "rank1.pt")
+    adapter_keys = [k for k in r0["state"] if ".adapters." in k and ".init_" not in k]
+    assert adapter_keys
+    start = {k: v for k, v in inject(_model(), AdapterConfig(kind=kind, ranks=3, target_modules=["0", "2", "5"],
+                                                             alpha=2.0)).state_dict().items()}
+    for k in adapter_keys:
+        assert torch.equal(r0["state"][k], r1["state"][k]), k  # gradients were all-reduced
+    assert any(not torch.equal(r0["state"][k], start[k]) for k in adapter_keys)  # and training moved them
+    for k, v in r0["base"].items():
+        assert torch.equal(r0["state"][k], v) and torch.equal(r1["state"][k], v), k  # base never changes
+
+
+@pytest.mark.parametrize("forward", ["rebuild", "factorized"])
+def test_torch_compile_matches_eager(forward):
+    torch._dynamo.reset()
+    model = inject(_model(), AdapterConfig(kind="tucker", ranks=3, target_modules=["0", "2", "5"], forward=forward))
+    for _, h in adapted_layers(model):
+        for p in h.adapters["default"].params.values():
+            p.data.normal_()
+    x = torch.randn(2, 3, 6, 6)
+    eager = model(x)
+    eager.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=False)
+    y = compiled(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, eager, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-5)
