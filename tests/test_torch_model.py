@@ -418,3 +418,30 @@ def test_export_refuses_what_peft_cannot_hold(tmp_path):
     with pytest.raises(tp.TuckerPeftError, match="head.bias"):
         export_peft_lora(m, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+# -- the 'matched' scale rule ------------------------------------------------------------
+
+@pytest.mark.parametrize("layer, x_shape", [(lambda: nn.Conv2d(64, 96, 3, padding=1), (8, 64, 8, 8)),
+                                            (lambda: nn.Linear(200, 120), (64, 200))], ids=["conv", "linear"])
+def test_matched_scale_makes_first_adam_step_like_loras(layer, x_shape):
+    torch.manual_seed(0)
+    base = nn.Sequential(layer())
+    x = torch.randn(*x_shape)
+    target = torch.randn_like(base(x))
+
+    def first_step(kind, rule):
+        m = inject(copy.deepcopy(base), AdapterConfig(kind=kind, budget="lora:8", target_modules=["0"], scale_rule=rule))
+        (_, h), = list(adapted_layers(m))
+        d = h.adapters["default"]
+        w0 = d.delta_weight().detach().clone()
+        opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+        (m(x) - target).square().mean().backward()
+        opt.step()
+        return float((d.delta_weight().detach() - w0).norm())
+
+    ref = first_step("lora", "fixed")
+    for kind in ("tucker", "tucker2", "cp"):
+        assert 1 / 1.5 < first_step(kind, "matched") / ref < 1.5, kind
+    # Without the rule CP's first step is an order of magnitude smaller than LoRA's.
+    assert first_step("cp", "fixed") < ref / 5

@@ -17,6 +17,7 @@ from ...lora import LoRA
 __all__ = ["AdapterConfig"]
 
 FORWARDS = ("auto", "rebuild", "factorized")
+SCALE_RULES = ("fixed", "matched")
 INITS = ("zero", "hosvd")
 _LORA_REF = re.compile(r"^lora:(\d+)$")
 
@@ -128,6 +129,12 @@ class AdapterConfig:
     trainable : list of str or str, optional
         Extra base parameters to train (biases, norms, a head), by name or regex;
         they are saved with the adapter.
+    scale_rule : {'fixed', 'matched'}
+        ``'fixed'``: s = alpha for every kind. ``'matched'``: Tucker and CP
+        start from orthonormal factors and s = alpha · √(out·r_L/3) / √(n₀),
+        with n₀ the size of the block that starts at zero (core, or λ) and r_L
+        the LoRA rank of the same budget, so that the first Adam step changes
+        ΔW by as much as PEFT's LoRA (Kaiming A, B = 0) does; LoRA keeps s = alpha.
     kind_options : dict
         Constraints for :func:`tucker_peft.ranks.for_budget` (Tucker: ``split``,
         ``kernel``, ``fixed``).
@@ -147,6 +154,7 @@ class AdapterConfig:
     dropout: float = 0.0
     forward: str = "auto"
     trainable: Any = None
+    scale_rule: str = "fixed"
     kind_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
 
@@ -180,6 +188,8 @@ class AdapterConfig:
         if self.forward == "rebuild" and self.dropout > 0:
             raise TuckerPeftError("forward: 'rebuild' merges ΔW into the layer's own op, so it cannot drop out the "
                                   f"adapter's input; expected 'auto' or 'factorized' with dropout={self.dropout}")
+        if self.scale_rule not in SCALE_RULES:
+            raise TuckerPeftError(f"scale_rule: expected one of {list(SCALE_RULES)}, got {self.scale_rule!r}")
         self.trainable = _check_targets(self.trainable, "trainable")
         if not isinstance(self.kind_options, Mapping):
             raise TuckerPeftError(f"kind_options: expected a dict, got {type(self.kind_options).__name__}")
@@ -218,6 +228,11 @@ class AdapterConfig:
         a = self._pattern(self.alpha_pattern, name)
         return self.alpha if a is None else a
 
+    def scale_for(self, name: str, spec: Parametrization) -> float:
+        """s of layer ``name``: its alpha, times :func:`matched_factor` under ``scale_rule='matched'``."""
+        a = self.alpha_for(name)
+        return a * matched_factor(spec) if self.scale_rule == "matched" else a
+
     def spec_for(self, name: str, shape: Sequence[int]) -> Parametrization:
         """The spec of layer ``name`` with weight ``shape``; errors name the layer."""
         shape = tuple(int(s) for s in shape)
@@ -228,6 +243,25 @@ class AdapterConfig:
             return _spec_for_ranks(self.kind, shape, self.ranks if r is None else r)
         except TuckerPeftError as exc:
             raise RankError(f"layer {name!r} with weight {fmt_shape(shape)}: {exc}") from None
+
+
+def matched_factor(spec: Parametrization) -> float:
+    """√(out·r_L/3) / √(n₀): the first-step ‖ΔW‖ of PEFT's LoRA at ``spec``'s budget over that of ``spec``.
+
+    With orthonormal factors a sign step of size lr on the n₀ entries that
+    start at zero (Tucker's core, CP's λ) changes ΔW by lr·√n₀ in Frobenius
+    norm; PEFT's LoRA (B = 0, A ~ U(±1/√K)) changes it by lr·√(out·r/3).
+    """
+    from ...tucker import Tucker
+    out, k = spec.shape[0], math.prod(spec.shape[1:])
+    if isinstance(spec, Tucker):
+        n0 = math.prod(spec.core_shape)
+    elif isinstance(spec, CP):
+        n0 = spec.rank
+    else:
+        return 1.0
+    r_lora = spec.num_params / (out + k)
+    return math.sqrt(out * r_lora / 3.0) / math.sqrt(n0)
 
 
 def _spec_for_budget(kind: str, shape: tuple[int, ...], budget: Any, options: Mapping[str, Any]) -> Parametrization:

@@ -151,10 +151,12 @@ def plan(model: nn.Module, config: AdapterConfig, adapter_name: str) -> list[Tar
             raise TuckerPeftError(f"target_parameters: {path!r} has shape {fmt_shape(w.shape)}; expected at least 2 dims")
         _check_free(mod, attr, path, adapter_name, config.init)
         spec = config.spec_for(name, tuple(w.shape))
-        scale = config.alpha_for(name)
+        scale = config.scale_for(name, spec)
         dtype = _adapter_dtype(w)
         if config.init == "zero":
             params = spec.init("zero", like=w.detach(), dtype=dtype, seed=config.seed)
+            if config.scale_rule == "matched":
+                params = _orthonormal_factors(spec, params)
             init = None
         else:
             tensor = w.detach().to(torch.float64)
@@ -164,6 +166,20 @@ def plan(model: nn.Module, config: AdapterConfig, adapter_name: str) -> list[Tar
             init = {k: v.detach().clone() for k, v in params.items()}
         params = {k: v.detach().clone().contiguous() for k, v in params.items()}
         out.append(Target(path, module_path, attr, type(base).__name__, spec, scale, params, init))
+    return out
+
+
+def _orthonormal_factors(spec: Parametrization, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tucker: each random factor replaced by its QR's Q; CP: unit-norm columns. The zero block stays zero."""
+    out = dict(params)
+    for k, v in params.items():
+        if not k.startswith("factor_"):
+            continue
+        if spec.kind == "cp":
+            out[k] = v / v.norm(dim=0, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+        else:
+            q, r = torch.linalg.qr(v.double())
+            out[k] = (q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, 1.0)).to(v.dtype)
     return out
 
 
