@@ -13,7 +13,7 @@ from torch import nn  # noqa: E402
 
 import tucker_peft as tp  # noqa: E402
 from tucker_peft.backends.torch import (AdapterConfig, AdaptedLayer, adapted_layers, adapter_names,  # noqa: E402
-                                        active_adapter, delete_adapter, export_peft_lora, inject, load_adapter,
+                                        active_adapter, delete_adapter, disable_adapters, export_peft_lora, inject, load_adapter,
                                         merge, merge_and_unload, save_adapter, set_adapter, summary,
                                         trainable_parameters, unmerge)
 
@@ -241,6 +241,9 @@ def test_several_named_adapters():
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     assert all(".adapters.c." in n for n in trainable)
     set_adapter(m, "t")
+    torch.testing.assert_close(m(x, idx), yt)
+    with disable_adapters(m):
+        torch.testing.assert_close(m(x, idx), y0)
     torch.testing.assert_close(m(x, idx), yt)
     set_adapter(m, None)
     torch.testing.assert_close(m(x, idx), y0)

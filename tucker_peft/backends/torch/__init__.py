@@ -13,7 +13,8 @@ path (``target_parameters``) through ``torch.nn.utils.parametrize``.
 from ._config import AdapterConfig
 from ._io import export_peft_lora, load_adapter, lora_factors, save_adapter
 from ._layers import AdaptedLayer, DeltaParametrization, DeltaWeight
-from ._model import (Summary, active_adapter, adapted_layers, adapter_names, add_adapter, delete_adapter, inject,
+from ._model import (Summary, active_adapter, adapted_layers, adapter_names, add_adapter, delete_adapter,
+                     disable_adapters, inject,
                      merge, merge_and_unload, set_adapter, summary, trainable_parameters, unmerge)
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "add_adapter",
     "set_adapter",
     "delete_adapter",
+    "disable_adapters",
     "adapter_names",
     "active_adapter",
     "adapted_layers",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from ._config import AdapterConfig, name_matches
 from ._layers import SUPPORTED, AdaptedLayer, DeltaParametrization, DeltaWeight, _add_
 
 __all__ = [
-    "inject", "add_adapter", "set_adapter", "delete_adapter", "adapter_names", "active_adapter",
+    "inject", "add_adapter", "set_adapter", "disable_adapters", "delete_adapter", "adapter_names", "active_adapter",
     "summary", "Summary", "merge", "unmerge", "merge_and_unload", "adapted_layers", "trainable_parameters",
 ]
 
@@ -342,6 +343,26 @@ def set_adapter(model: nn.Module, adapter_name: str | None, *, trainable: bool =
             raise TuckerPeftError(f"{h.layer_name!r}: its 'hosvd' adapter holds part of the base weight and "
                                   "cannot be switched off; delete it or merge it instead")
         h.active_adapter = adapter_name if has else None
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model inside a ``with`` block (e.g. reference outputs); adapters and their trainability return after."""
+    hooks = [h for _, h in adapted_layers(model)]
+    for h in hooks:
+        if h.merged is not None:
+            raise TuckerPeftError(f"{h.layer_name!r} has adapter {h.merged!r} merged; unmerge it first")
+        if any(d.has_init for d in h.adapters.values()):
+            raise TuckerPeftError(f"{h.layer_name!r}: its 'hosvd' adapter holds part of the base weight and "
+                                  "cannot be switched off")
+    saved = [h.active_adapter for h in hooks]
+    try:
+        for h in hooks:
+            h.active_adapter = None
+        yield model
+    finally:
+        for h, a in zip(hooks, saved):
+            h.active_adapter = a
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
