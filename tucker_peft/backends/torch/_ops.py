@@ -144,26 +144,25 @@ class FusedDelta(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Any, p_out: Any, s: torch.Tensor,
                 p_in: Any, geom: Geometry, mg: int, staged: bool = True) -> torch.Tensor:
-        dw = geom.reconstruct(p_out, s, p_in, mg)
-        w_eff = weight + dw if dw.dtype == weight.dtype else (weight.to(dw.dtype) + dw).to(weight.dtype)
         ctx.geom, ctx.mg, ctx.staged = geom, mg, staged
-        ctx.save_for_backward(x, w_eff, p_out, s, p_in)
-        return geom.conv(x, w_eff, geom.groups, bias)
+        # W + ΔW is rebuilt in the backward rather than saved: a weight-sized tensor per layer.
+        ctx.save_for_backward(x, weight, p_out, s, p_in)
+        return geom.conv(x, _merged(weight, p_out, s, p_in, geom, mg), geom.groups, bias)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> Any:
-        x, w_eff, p_out, s, p_in = ctx.saved_tensors
+        x, weight, p_out, s, p_in = ctx.saved_tensors
         geom: Geometry = ctx.geom
         mg: int = ctx.mg
         need = ctx.needs_input_grad
         dy = dy.contiguous()
-        dx = geom.dgrad(dy, x, w_eff, geom.groups) if need[0] else None
-        dweight = geom.wgrad(dy, x, tuple(w_eff.shape), geom.groups) if need[1] else None
+        dx = geom.dgrad(dy, x, _merged(weight, p_out, s, p_in, geom, mg), geom.groups) if need[0] else None
+        dweight = geom.wgrad(dy, x, tuple(weight.shape), geom.groups) if need[1] else None
         dbias = dy.sum(dim=[d for d in range(dy.ndim) if d != (1 if geom.nd else dy.ndim - 1)]) if need[2] else None
         dp_out = ds = dp_in = None
         if (need[3] or need[4] or need[5]) and not ctx.staged:
             # Thin layers (few input channels): one full weight gradient is cheaper than the stages.
-            dw = dweight if dweight is not None else geom.wgrad(dy, x, tuple(w_eff.shape), geom.groups)
+            dw = dweight if dweight is not None else geom.wgrad(dy, x, tuple(weight.shape), geom.groups)
             with torch.enable_grad():
                 leaves = [None if t is None else t.detach().requires_grad_(True) for t in (p_out, s, p_in)]
                 rec = geom.reconstruct(*leaves, mg)
@@ -198,6 +197,12 @@ class FusedDelta(torch.autograd.Function):
                     gp = gp.reshape(geom.groups, m_in, -1).sum(0)
                 dp_in = gp.T.to(p_in.dtype)
         return dx, dweight, dbias, dp_out, ds, dp_in, None, None, None
+
+
+def _merged(weight: torch.Tensor, p_out: Any, s: torch.Tensor, p_in: Any, geom: Geometry, mg: int) -> torch.Tensor:
+    """``W + P_out ×_0 S ×_1 P_in`` in the weight's dtype (summed in the adapter's dtype if wider)."""
+    dw = geom.reconstruct(p_out, s, p_in, mg)
+    return weight + dw if dw.dtype == weight.dtype else (weight.to(dw.dtype) + dw).to(weight.dtype)
 
 
 def _to(t: Any, dtype: torch.dtype) -> Any:
