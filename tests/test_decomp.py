@@ -172,3 +172,22 @@ def test_by_energy_edge_cases():
         tp.ranks.by_energy(np.ones((4, 3)), 1.5)
     with pytest.raises(tp.TuckerPeftError, match="energy"):
         tp.ranks.by_energy(np.ones((4, 3)), (0.5,))
+
+
+@pytest.mark.parametrize("rank", [3, 6])
+def test_tall_unfolding_singular_vectors_match_svd_even_when_rank_deficient(rank):
+    from tucker_peft._decomp import leading_left_singular
+    rng = np.random.default_rng(0)
+    m = rng.standard_normal((60, rank)) @ rng.standard_normal((rank, 12))
+    x = m.reshape(60, 3, 4)  # mode-0 unfolding is tall: 60 × 12
+    u, sigma2 = leading_left_singular(np, x, 0, 5)
+    assert u.shape == (60, 5)
+    np.testing.assert_allclose(u.T @ u, np.eye(5), atol=1e-10)
+    s = np.linalg.svd(m, compute_uv=False)
+    np.testing.assert_allclose(sigma2[:12], s ** 2, rtol=1e-8, atol=1e-8 * s[0] ** 2)
+    assert np.all(sigma2[12:] == 0)
+    # The leading min(rank, 5) columns span the top singular subspace.
+    keep = min(rank, 5)
+    uu, _, _ = np.linalg.svd(m, full_matrices=False)
+    p_ref = uu[:, :keep] @ uu[:, :keep].T
+    np.testing.assert_allclose(u[:, :keep] @ u[:, :keep].T, p_ref, atol=1e-8)
