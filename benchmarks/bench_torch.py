@@ -81,10 +81,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # benchmark the checkout, installed or not
 
-# Idle OpenMP workers sleep instead of spinning: on a shared 2-core machine spinning workers
-# turn every parallel region into a wait for a descheduled thread (300x slower steps measured).
+# --omp-passive: idle OpenMP workers sleep instead of spinning. Use it on a loaded machine, where
+# spinning workers turn every parallel region into a wait for a descheduled thread (300x slower
+# steps measured). Not the default: on a quiet machine waking a sleeping worker costs ~50-100 us
+# per op, which triples the cost of every small op (adapters' and PEFT's alike).
 # Read when torch loads its OpenMP runtime, so it must be set before the import.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if "--omp-passive" in sys.argv:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -919,6 +922,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", metavar="PATH", help="write the tables as Markdown")
     ap.add_argument("--json", metavar="PATH", help="write all samples and numbers as JSON")
     ap.add_argument("--strict", action="store_true", help="exit 1 if a target fails")
+    ap.add_argument("--omp-passive", action="store_true",
+                    help="OMP_WAIT_POLICY=PASSIVE (for a loaded machine; see the comment at the top)")
     ap.add_argument("--_rss-child", dest="rss_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -207,6 +207,9 @@ def test_ranks_resolves_model_names_through_the_registry(tmp_path, capsys, monke
     fake = types.ModuleType("tucker_peft.cli._models")
     fake.resolve_model = lambda name: path if name == "tiny-net" else None
     monkeypatch.setitem(sys.modules, "tucker_peft.cli._models", fake)
+    import tucker_peft.cli
+
+    monkeypatch.setattr(tucker_peft.cli, "_models", fake, raising=False)  # if another test imported the real one
     rc, out, err = _run(capsys, "ranks", "tiny-net", "--budget", 100)
     assert rc == 0 and "classifier.weight" in out, err
     rc, out, err = _run(capsys, "ranks", "no-such-net", "--budget", 100)

@@ -33,6 +33,7 @@ PROG = "tucker-peft"
 SUBCOMMANDS: list[str] = [
     "_ranks",
     "_extract",
+    "_compare",
 ]
 
 
