@@ -129,8 +129,8 @@ class AdapterConfig:
     trainable : list of str or str, optional
         Extra base parameters to train (biases, norms, a head), by name or regex;
         they are saved with the adapter.
-    scale_rule : {'fixed', 'matched'}
-        ``'fixed'``: s = alpha for every kind. ``'matched'``: Tucker and CP
+    scale_rule : {'matched', 'fixed'}
+        ``'fixed'``: s = alpha for every kind. ``'matched'`` (default): Tucker and CP
         start from orthonormal factors and s = alpha · √(out·r_L/3) / √(n₀),
         with n₀ the size of the block that starts at zero (core, or λ) and r_L
         the LoRA rank of the same budget, so that the first Adam step changes
@@ -154,7 +154,7 @@ class AdapterConfig:
     dropout: float = 0.0
     forward: str = "auto"
     trainable: Any = None
-    scale_rule: str = "fixed"
+    scale_rule: str = "matched"
     kind_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
 
