@@ -162,7 +162,7 @@ def test_parameter_by_path_matches_dense(kind):
     (_, h), = list(adapted_layers(model))
     d = h.adapters["default"]
     params = {k: v.detach().clone().requires_grad_(True) for k, v in d.params.items()}
-    w = w0 + d.spec.reconstruct(params, 0.5)
+    w = w0 + d.spec.reconstruct(params, d.scale)
     ref = torch.einsum("eoi,eni->eno", w, x)
     y = model(x)
     torch.testing.assert_close(y, ref.detach())

@@ -590,12 +590,24 @@ def run(args: argparse.Namespace) -> int:
         import torch
     except ImportError:
         raise TuckerPeftError("compare needs torch: pip install 'tucker-peft[torch]'") from None
-    from ._tasks import prepare
 
     t_start = time.perf_counter()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     torch.set_num_threads(cfg["threads"])
-    flushed = torch.set_flush_denormal(True)  # denormal floats in small adapter updates slow x86 CPUs down 10-100x
+    # Denormal floats in small adapter updates slow x86 CPUs down 10-100x. The setting is global
+    # processor state: it is restored on the way out so that callers (and tests) keep IEEE subnormals.
+    was_flushing = (torch.tensor(5e-324, dtype=torch.float64) * 1.0).item() == 0.0
+    flushed = torch.set_flush_denormal(True)
+    try:
+        return _run(args, cfg, torch, flushed, t_start, cpu0)
+    finally:
+        torch.set_flush_denormal(was_flushing)
+
+
+def _run(args: argparse.Namespace, cfg: dict[str, Any], torch: Any, flushed: bool, t_start: float, cpu0: Any) -> int:
+    from .._errors import TuckerPeftError  # noqa: F401
+    from ._tasks import prepare
+
     out_dir = args.out
     os.makedirs(out_dir, exist_ok=True)
 
