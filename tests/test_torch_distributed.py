@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 
@@ -21,16 +20,11 @@ def _model() -> nn.Module:
                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, out: str, kind: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+def _worker(rank: int, world: int, out: str, kind: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous: no TCP port to race for on a busy CI machine.
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out, 'rendezvous')}", rank=rank,
+                            world_size=world)
     try:
         model = inject(_model(), AdapterConfig(kind=kind, ranks=3, target_modules=["0", "2", "5"], alpha=2.0))
         base = {k: v.detach().clone() for k, v in model.state_dict().items() if ".adapters." not in k}
@@ -45,6 +39,7 @@ def _worker(rank: int, world: int, port: int, out: str, kind: str) -> None:
             opt.step()
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         torch.save({"state": state, "base": base}, os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -53,7 +48,7 @@ def _worker(rank: int, world: int, port: int, out: str, kind: str) -> None:
 def test_ddp_gloo_two_processes(tmp_path, kind):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), kind), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path), kind), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     adapter_keys = [k for k in r0["state"] if ".adapters." in k and ".init_" not in k]
