@@ -31,6 +31,8 @@ from typing import Any, Callable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # benchmark the checkout, installed or not
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import cpu_snapshot, other_cpu_share  # noqa: E402
 
 import numpy as np  # noqa: E402
 import opt_einsum  # noqa: E402
@@ -379,24 +381,6 @@ def environment() -> list[str]:
         f"({torch.get_num_threads()} threads), tensorly {tl.__version__}, opt_einsum {opt_einsum.__version__}, "
         f"tucker_peft {tp.__version__}",
     ]
-
-
-def cpu_snapshot() -> tuple[float, float, float] | None:
-    """(wall s, busy CPU s of the whole machine, CPU s of this process); None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:9]]
-        busy = (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, AttributeError):
-        return None
-    t = os.times()
-    return time.perf_counter(), busy, t.user + t.system
-
-
-def other_cpu_share(a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
-    """Fraction of all CPUs' time between two snapshots used by other processes."""
-    wall = max(b[0] - a[0], 1e-9)
-    return max(0.0, (b[1] - a[1]) - (b[2] - a[2])) / (wall * (os.cpu_count() or 1))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,6 +80,8 @@ from typing import Any, Callable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # benchmark the checkout, installed or not
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import cpu_snapshot, other_cpu_share  # noqa: E402
 
 # --omp-passive: idle OpenMP workers sleep instead of spinning. Use it on a loaded machine, where
 # spinning workers turn every parallel region into a wait for a descheduled thread (300x slower
@@ -563,25 +565,6 @@ def profiled_peak(step: Callable[[], None], opt: Any) -> int:
     return peak
 
 
-def other_cpu_snapshot() -> tuple[float, float, float] | None:
-    """(wall s, busy CPU s of the machine, CPU s of this process); None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:9]]
-        busy = (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, AttributeError):
-        return None
-    t = os.times()
-    return time.perf_counter(), busy, t.user + t.system
-
-
-def other_cpu_share(a: Any, b: Any) -> float | None:
-    if a is None or b is None:
-        return None
-    wall = max(b[0] - a[0], 1e-9)
-    return max(0.0, (b[1] - a[1]) - (b[2] - a[2])) / (wall * (os.cpu_count() or 1))
-
-
 def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, seed: int) -> dict[str, list[float]]:
     """One call of every function per round, in a shuffled order; seconds per call."""
     rng = random.Random(seed)
@@ -701,7 +684,7 @@ class Check:
 def run_model(w: Workload, args: argparse.Namespace, methods: list[Method], tables: list[Table],
               checks: list[Check], infos: list[str], record: dict[str, Any]) -> None:
     print(f"-- {w.name}: {w.description}", flush=True)
-    snap = other_cpu_snapshot()
+    snap = cpu_snapshot()
     built: dict[str, Built] = {}
     failed: dict[str, str] = {}
     for m in methods:
@@ -744,7 +727,7 @@ def run_model(w: Workload, args: argparse.Namespace, methods: list[Method], tabl
     t0 = time.perf_counter()
     samples = interleaved(steps, args.rounds, args.seed)
     timing_s = time.perf_counter() - t0
-    share = other_cpu_share(snap, other_cpu_snapshot())
+    share = other_cpu_share(snap, cpu_snapshot())
 
     # memory, outside the timed loop
     mem: dict[str, dict[str, Any]] = {}

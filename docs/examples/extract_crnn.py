@@ -41,6 +41,7 @@ if ROOT not in sys.path:
 import numpy as np  # noqa: E402
 
 import tucker_peft as tp  # noqa: E402
+from tucker_peft.cli._tasks import edit_distance as _edit_distance  # noqa: E402
 from tucker_peft.fitting import budget_sweep  # noqa: E402
 
 def _kernel_rank(r: int) -> Callable[[tuple[int, ...]], dict[str, Any]]:
@@ -105,16 +106,6 @@ def render_batch(rng: np.random.Generator, n: int, width: int, char2idx: Mapping
         texts.append("".join(c for c in text if c in char2idx))
     x = torch.tensor(np.stack(imgs)[:, None], dtype=torch.float32)
     return x, torch.tensor(targets, dtype=torch.long), torch.tensor(lengths, dtype=torch.long), texts
-
-
-def _edit_distance(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
 
 
 def _evaluate(model: Any, batch: tuple[Any, Any, Any, list[str]], idx2char: Mapping[int, str]) -> tuple[float, float]:
