@@ -25,14 +25,15 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # benchmark the checkout, installed or not
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _machine import cpu_snapshot, other_cpu_share  # noqa: E402
+import _common  # noqa: E402
+from _common import cpu_snapshot, other_cpu_share  # noqa: E402
 
 import numpy as np  # noqa: E402
 import opt_einsum  # noqa: E402
@@ -113,26 +114,8 @@ def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1,
 
 # -- output --------------------------------------------------------------------
 @dataclass
-class Table:
-    title: str
-    header: list[str]
-    rows: list[list[str]] = field(default_factory=list)
-    note: str = ""
-
-    def render(self, markdown: bool) -> str:
-        if markdown:
-            out = [f"### {self.title}", ""]
-            if self.note:
-                out += [self.note, ""]
-            out.append("| " + " | ".join(self.header) + " |")
-            out.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(self.header))) + "|")
-            out += ["| " + " | ".join(r) + " |" for r in self.rows]
-            return "\n".join(out) + "\n"
-        widths = [max(len(str(c)) for c in col) for col in zip(self.header, *self.rows)]
-        line = lambda r: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-        out = [f"== {self.title} =="] + ([self.note] if self.note else []) + [line(self.header)]
-        out += [line(r) for r in self.rows]
-        return "\n".join(out) + "\n"
+class Table(_common.Table):
+    left: int = 2  # method and case columns
 
 
 def ms(t: float) -> str:

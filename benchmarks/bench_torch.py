@@ -74,14 +74,14 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # benchmark the checkout, installed or not
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _machine import cpu_snapshot, other_cpu_share  # noqa: E402
+from _common import Table, cpu_snapshot, other_cpu_share  # noqa: E402
 
 # --omp-passive: idle OpenMP workers sleep instead of spinning. Use it on a loaded machine, where
 # spinning workers turn every parallel region into a wait for a descheduled thread (300x slower
@@ -635,32 +635,6 @@ def isolated_rss(model_name: str, method: str, quick: bool) -> tuple[float | Non
 
 
 # -- output ----------------------------------------------------------------------------
-@dataclass
-class Table:
-    title: str
-    header: list[str]
-    rows: list[list[str]] = field(default_factory=list)
-    note: str = ""
-
-    def render(self, markdown: bool) -> str:
-        if not self.header:
-            return (f"### {self.title}\n\n{self.note}\n" if markdown else self.note + "\n")
-        if markdown:
-            out = [f"### {self.title}", ""] + ([self.note, ""] if self.note else [])
-            out.append("| " + " | ".join(self.header) + " |")
-            out.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(self.header))) + "|")
-            out += ["| " + " | ".join(r) + " |" for r in self.rows]
-            return "\n".join(out) + "\n"
-        widths = [max(len(str(c)) for c in col) for col in zip(self.header, *self.rows)]
-
-        def line(r: list[str]) -> str:
-            return "  ".join(str(c).ljust(wd) if i == 0 else str(c).rjust(wd) for i, (c, wd) in enumerate(zip(r, widths)))
-
-        out = [f"== {self.title} =="] + ([self.note] if self.note else []) + [line(self.header)]
-        out += [line(r) for r in self.rows]
-        return "\n".join(out) + "\n"
-
-
 def ms(t: float) -> str:
     return f"{t * 1e3:.1f}" if t >= 0.01 else f"{t * 1e3:.2f}"
 
