@@ -518,12 +518,7 @@ def plot(summary: list[dict[str, Any]], baselines: dict[str, Any], metric: str, 
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = os.path.join(out_dir, "results.png")
-    fig.savefig(p + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(p + ".tmp.png", p)
-    written.append(p)
+    written.append(_save_figure(plt, fig, os.path.join(out_dir, "results.png")))
 
     fig, axes = plt.subplots(1, len(budgets), figsize=(4.6 * len(budgets), 3.6), squeeze=False)
     for ax, b in zip(axes[0], budgets):
@@ -544,12 +539,7 @@ def plot(summary: list[dict[str, Any]], baselines: dict[str, Any], metric: str, 
         ax.set_title(f"budget {b}", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    p = os.path.join(out_dir, "lr_sensitivity.png")
-    fig.savefig(p + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(p + ".tmp.png", p)
-    written.append(p)
+    written.append(_save_figure(plt, fig, os.path.join(out_dir, "lr_sensitivity.png")))
     return written
 
 
@@ -571,6 +561,15 @@ def environment(threads: int) -> dict[str, Any]:
 
 
 # -- the subcommand ---------------------------------------------------------------------------
+
+def _save_figure(plt: Any, fig: Any, path: str) -> str:
+    """Write ``fig`` to ``path`` through a temporary file and a rename; return ``path``."""
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return path
+
 
 def _progress_bar(total: int, quiet: bool) -> Any:
     if quiet:
