@@ -11,7 +11,8 @@ path (``target_parameters``) through ``torch.nn.utils.parametrize``.
 """
 
 from ._config import AdapterConfig
-from ._io import export_peft_lora, load_adapter, lora_factors, save_adapter
+from ._export import export_peft_lora, lora_factors
+from ._io import load_adapter, save_adapter
 from ._layers import AdaptedLayer, DeltaParametrization, DeltaWeight
 from ._model import (Summary, active_adapter, adapted_layers, adapter_names, add_adapter, delete_adapter,
                      disable_adapters, inject,
