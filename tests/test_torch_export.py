@@ -215,3 +215,95 @@ def test_parameter_adapters_peft_cannot_hold_are_refused(tmp_path):
     with pytest.raises(tp.TuckerPeftError, match="top-level module"):
         export_peft_lora(m, tmp_path / "b", adapter_name="b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# -- weighted combination ------------------------------------------------------------------------
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)                                   # LoRA ranks 2 + 3 > min(3, 6): folded
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.dw = nn.Conv2d(6, 6, 3, padding=1, groups=6)           # Tucker modes 1, 2, 3 fold
+        self.experts = Experts()
+
+    def forward(self, x, idx):
+        h = self.dw(torch.relu(self.conv(x))).mean((2, 3))
+        return self.fc(self.experts(h, idx))
+
+
+def _mixed():
+    torch.manual_seed(0)
+    return Mixed().double()
+
+
+def _two_adapters(kind):
+    from tucker_peft.backends.torch import add_adapter
+    m = _mixed()
+    targets = dict(target_modules=["fc", "conv", "dw"], target_parameters=["experts.gate_up"])
+    inject(m, AdapterConfig(kind=kind, ranks=2, alpha=1.0, **targets), adapter_name="a")
+    add_adapter(m, AdapterConfig(kind=kind, ranks=3, alpha=2.5, **targets), adapter_name="b")
+    _perturb(m)
+    return m
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64), torch.tensor([0, 2, 1, 2])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_weighted_combination_equals_the_dense_sum(kind):
+    from tucker_peft.backends.torch import add_weighted_adapter, active_adapter
+    m = _two_adapters(kind)
+    add_weighted_adapter(m, ["a", "b"], [0.7, -0.3], "mix")
+    assert active_adapter(m) == "mix"
+    ref = _mixed()
+    with torch.no_grad():
+        for path, h in adapted_layers(m):
+            a, b, mix = (h.adapters[n].delta_weight().detach() for n in ("a", "b", "mix"))
+            torch.testing.assert_close(mix, 0.7 * a - 0.3 * b, rtol=1e-12, atol=1e-12)
+            ref.get_parameter(path).add_(0.7 * a - 0.3 * b)
+    x, idx = _inputs()
+    torch.testing.assert_close(m(x, idx), ref(x, idx))
+
+
+def test_weighted_combination_trains_saves_and_exports_like_any_adapter(tmp_path):
+    from tucker_peft.backends.torch import add_weighted_adapter, load_adapter, save_adapter
+    m = _two_adapters("tucker")
+    add_weighted_adapter(m, ["a", "b"], [0.5, 0.5], "mix")
+    x, idx = _inputs()
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    m(x, idx).square().sum().backward()
+    opt.step()
+    moved = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(".mix." in n for n in moved)
+    y = m(x, idx).detach()
+    save_adapter(m, tmp_path / "mix", adapter_name="mix")
+    torch.testing.assert_close(load_adapter(_mixed(), tmp_path / "mix")(x, idx), y)
+    with pytest.warns(UserWarning, match="'dw'"):
+        export_peft_lora(m, tmp_path / "peft", adapter_name="mix")
+    torch.testing.assert_close(_peft_load(_mixed, tmp_path / "peft")(x, idx), y)
+
+
+def test_weighted_combination_refuses_what_it_cannot_hold_and_leaves_the_model_unchanged():
+    from tucker_peft.backends.torch import add_adapter, add_weighted_adapter
+    m = _two_adapters("tucker")
+    add_adapter(m, AdapterConfig(kind="cp", ranks=2, target_modules=["fc"]), adapter_name="c")
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    cases = [((["a", "c"], [1.0, 1.0], "mix"), "expected one kind"),
+             ((["a", "b"], [1.0], "mix"), "weights: expected 2 finite numbers"),
+             ((["a", "b"], [1.0, float("nan")], "mix"), "finite"),
+             ((["a", "zz"], [1.0, 1.0], "mix"), "expected distinct names"),
+             ((["a", "b"], [1.0, 1.0], "b"), "already exists"),
+             (("a", [1.0], "mix"), "non-empty list")]
+    for args, match in cases:
+        with pytest.raises(tp.TuckerPeftError, match=match):
+            add_weighted_adapter(m, *args)
+    h = _mixed()
+    inject(h, AdapterConfig(kind="lora", ranks=2, target_modules=["fc"], init="hosvd"), adapter_name="h")
+    with pytest.raises(tp.TuckerPeftError, match="init='hosvd'"):
+        add_weighted_adapter(h, ["h"], [1.0], "mix")
+    after = m.state_dict()
+    assert list(after) == list(state) and all(torch.equal(after[k], v) for k, v in state.items())

@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
 from ._base import Parametrization, Params, check_rank, check_shape, register
 from ._decomp import parafac
-from ._dispatch import ArrayContext
+from ._dispatch import ArrayContext, namespace
 from ._errors import TuckerPeftError
 
 __all__ = ["CP"]
@@ -81,12 +81,50 @@ class CP(Parametrization):
         return params
 
     @classmethod
+    def concat(cls, specs: Sequence["CP"], params_list: Sequence[Mapping[str, Any]],
+               weights: Sequence[float]) -> tuple["CP", Params]:
+        """One CP with ``reconstruct = Σ_i weights[i] · specs[i].reconstruct(params_list[i])``: the components side by side.
+
+        Returns
+        -------
+        spec : CP
+            Rank ``Σ_i R_i``; past the largest CP rank ``Π I_n / max I_n`` the
+            sum is written at that rank, one term per fibre of the largest mode.
+        params : dict
+            λ of shape ``(R,)`` (each block times its weight) and factors ``(I_n, R)``.
+        """
+        shape, total = specs[0].shape, sum(s.rank for s in specs)
+        xp = namespace(*[p["weights"] for p in params_list])
+        if total > max_cp_rank(shape):
+            dense = sum(s.reconstruct(p, w) for s, p, w in zip(specs, params_list, weights))
+            return cls(shape, max_cp_rank(shape)), _slices(shape, dense, xp)
+        params: Params = {"weights": xp.concat([p["weights"] * w for p, w in zip(params_list, weights)], axis=0)}
+        for n in range(len(shape)):
+            params[f"factor_{n}"] = xp.concat([p[f"factor_{n}"] for p in params_list], axis=1)
+        return cls(shape, total), params
+
+    @classmethod
     def budget_family(cls, shape: tuple[int, ...], **unknown: Any) -> tuple[Callable[[int], "Parametrization"], int]:
         """``f(t) = CP(shape, t)``."""
         if unknown:
             raise TuckerPeftError(f"unexpected constraints for kind 'cp': {sorted(unknown)}; it takes none")
         shape = check_shape(shape)
         return (lambda t: cls(shape, t)), max_cp_rank(shape)
+
+
+def _slices(shape: tuple[int, ...], dense: Any, xp: Any) -> Params:
+    """Exact CP of ``dense`` at rank ``Π I_n / max I_n``: unit vectors on the other modes, fibres on the largest."""
+    m = max(range(len(shape)), key=shape.__getitem__)
+    others = [n for n in range(len(shape)) if n != m]
+    r = math.prod(shape[n] for n in others)
+    grid = np.indices([shape[n] for n in others]).reshape(len(others), r)
+    dev = getattr(dense, "device", None)
+    params: Params = {"weights": xp.ones((r,), dtype=dense.dtype, device=dev),
+                      f"factor_{m}": xp.matrix_transpose(xp.reshape(xp.moveaxis(dense, m, -1), (r, shape[m])))}
+    for j, n in enumerate(others):
+        params[f"factor_{n}"] = xp.take(xp.eye(shape[n], dtype=dense.dtype, device=dev),
+                                        xp.asarray(grid[j], device=dev), axis=1)
+    return params
 
 
 register("cp", CP)

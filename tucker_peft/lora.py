@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
@@ -87,6 +87,31 @@ class LoRA(Parametrization):
         denom = txp.sqrt(sigma * abs(scale))
         return {"B": self._cast(ctx, u * (root * (1.0 if scale > 0 else -1.0))),
                 "A": self._cast(ctx, sv / txp.where(denom > 0, denom, ones)[:, None])}
+
+    @classmethod
+    def concat(cls, specs: Sequence["LoRA"], params_list: Sequence[Mapping[str, Any]],
+               weights: Sequence[float]) -> tuple["LoRA", Params]:
+        """One LoRA with ``reconstruct = Σ_i weights[i] · specs[i].reconstruct(params_list[i])``: ranks concatenated.
+
+        Returns
+        -------
+        spec : LoRA
+            Rank ``Σ_i r_i``; past ``min(I_1, I_2·…·I_N)`` the sum ``Σ w_i B_i A_i``
+            is kept at that rank with an identity factor.
+        params : dict
+            ``'B'`` ``(I_1, r)`` (each block times its weight) and ``'A'`` ``(r, I_2·…·I_N)``.
+        """
+        shape = specs[0].shape
+        out, k = shape[0], cls._k(shape)
+        xp = namespace(*[p["B"] for p in params_list])
+        b = xp.concat([p["B"] * w for p, w in zip(params_list, weights)], axis=1)
+        a = xp.concat([p["A"] for p in params_list], axis=0)
+        r = b.shape[1]
+        if r > min(out, k):
+            m = xp.matmul(b, a)
+            eye = xp.eye(min(out, k), dtype=m.dtype, device=getattr(m, "device", None))
+            b, a, r = (eye, m, out) if out <= k else (m, eye, k)
+        return cls(shape, r), {"B": b, "A": a}
 
     @classmethod
     def budget_family(cls, shape: tuple[int, ...], **unknown: Any) -> tuple[Callable[[int], "Parametrization"], int]:

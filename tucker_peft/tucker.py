@@ -12,7 +12,7 @@ import numpy as np
 
 from ._base import Parametrization, Params, check_rank, check_shape, register
 from ._decomp import hooi, hosvd
-from ._dispatch import ArrayContext
+from ._dispatch import ArrayContext, namespace
 from ._errors import RankError, TuckerPeftError, fmt_shape
 
 __all__ = ["Tucker", "Tucker2"]
@@ -109,6 +109,53 @@ class Tucker(Parametrization):
         params = {"core": self._cast(ctx, core / scale) if core_mode == "project" else ctx.zeros(self.core_shape)}
         params.update({f"factor_{n}": self._cast(ctx, u) for n, u in enumerate(factors) if u is not None})
         return params
+
+    @classmethod
+    def concat(cls, specs: Sequence["Tucker"], params_list: Sequence[Mapping[str, Any]],
+               weights: Sequence[float]) -> tuple["Tucker", Params]:
+        """One Tucker with ``reconstruct = Σ_i weights[i] · specs[i].reconstruct(params_list[i])``, exactly.
+
+        Factors are concatenated per mode and the cores placed block-diagonally.
+        A mode where the ranks would add up past its size, or where any spec
+        leaves it unfactorised, becomes unfactorised: each factor there is
+        folded into its core.
+
+        Parameters
+        ----------
+        specs : sequence of Tucker
+            Same class and weight shape ``(I_1, ..., I_N)``.
+        params_list : sequence of dict
+            Each spec's params (one array library).
+        weights : sequence of float
+
+        Returns
+        -------
+        spec : Tucker
+            Ranks ``Σ_i r_n^i`` per concatenated mode, None elsewhere.
+        params : dict
+            Core of shape ``spec.core_shape`` and its factors.
+        """
+        shape = specs[0].shape
+        xp = namespace(*[p["core"] for p in params_list])
+        joined = [all(s.ranks[n] is not None for s in specs) and sum(s.ranks[n] for s in specs) <= d
+                  for n, d in enumerate(shape)]
+        spec = cls(shape, tuple(sum(s.ranks[n] for s in specs) if j else None for n, j in enumerate(joined)))
+        like = params_list[0]["core"]
+        core = xp.zeros(spec.core_shape, dtype=like.dtype, device=getattr(like, "device", None))
+        offsets = [0] * len(shape)
+        for s, p, w in zip(specs, params_list, weights):
+            c = p["core"] * w
+            for n, r in enumerate(s.ranks):
+                if r is not None and not joined[n]:  # fold U_n into the core: G ×_n U_n
+                    c = xp.moveaxis(xp.tensordot(c, p[f"factor_{n}"], axes=([n], [1])), -1, n)
+            block = tuple(slice(o, o + s.ranks[n]) if joined[n] else slice(None) for n, o in enumerate(offsets))
+            core[block] = core[block] + c
+            offsets = [o + (s.ranks[n] if joined[n] else 0) for n, o in enumerate(offsets)]
+        params: Params = {"core": core}
+        for n, j in enumerate(joined):
+            if j:
+                params[f"factor_{n}"] = xp.concat([p[f"factor_{n}"] for p in params_list], axis=1)
+        return spec, params
 
     @classmethod
     def budget_family(cls, shape: tuple[int, ...], *, split: str = "equal", kernel: str = "free",

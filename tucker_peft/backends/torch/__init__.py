@@ -10,6 +10,7 @@ padding_mode, dilation and groups; ΔW has the weight's true shape
 path (``target_parameters``) through ``torch.nn.utils.parametrize``.
 """
 
+from ._combine import add_weighted_adapter
 from ._config import AdapterConfig
 from ._export import export_peft_lora, lora_factors
 from ._io import load_adapter, save_adapter
@@ -24,6 +25,7 @@ __all__ = [
     "add_adapter",
     "set_adapter",
     "delete_adapter",
+    "add_weighted_adapter",
     "disable_adapters",
     "adapter_names",
     "active_adapter",
