@@ -203,6 +203,31 @@ def test_parameter_adapters_export_to_peft_param_wrapper(tmp_path, kind, init, t
     torch.testing.assert_close(_peft_load(make, tmp_path)(x, idx), y)
 
 
+@pytest.mark.parametrize("kind", ["tucker", "lora"])
+def test_mixtral_experts_export_to_peft(tmp_path, kind):
+    """A config-built transformers Mixtral: stacked experts (E, 2·inter, hidden) and (E, hidden, inter)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MixtralConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=32)
+
+    def make():
+        torch.manual_seed(0)
+        return transformers.MixtralForCausalLM(cfg).eval()
+
+    m = make()
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    y0 = m(ids).logits.detach()
+    experts = "model.layers.0.mlp.experts."
+    inject(m, AdapterConfig(kind=kind, ranks=3, target_modules=["q_proj"],
+                            target_parameters=[experts + "gate_up_proj", experts + "down_proj"]))
+    _perturb(m)
+    y = m(ids).logits.detach()
+    assert (y - y0).abs().max() > 1e-3
+    export_peft_lora(m, tmp_path)
+    torch.testing.assert_close(_peft_load(make, tmp_path)(ids).logits, y, rtol=1e-5, atol=1e-6)
+
+
 def test_parameter_adapters_peft_cannot_hold_are_refused(tmp_path):
     m = nn.Module()
     m.sub = nn.Module()
