@@ -44,7 +44,7 @@ def _smallest(b: torch.Tensor, a: torch.Tensor) -> _Pair:
     r, m, k = b.shape[-1], b.shape[-2], a.shape[-1]
     if r <= min(m, k):
         return b, a
-    eye = lambda n: torch.eye(n, dtype=b.dtype).expand(*b.shape[:-2], n, n)  # noqa: E731
+    eye = lambda n: torch.eye(n, dtype=b.dtype, device=b.device).expand(*b.shape[:-2], n, n)  # noqa: E731
     return (eye(m), b @ a) if m <= k else (b @ a, eye(k))
 
 
@@ -78,7 +78,8 @@ def lora_factors(delta: DeltaWeight) -> tuple[torch.Tensor, torch.Tensor]:
             a = torch.einsum("ab...,cb->ac...", s, p_in.detach().double())
         else:
             a = s
-        b = p_out.detach().double() if p_out is not None else torch.eye(delta.spec.shape[0], dtype=torch.float64)
+        b = p_out.detach().double() if p_out is not None else torch.eye(delta.spec.shape[0], dtype=torch.float64,
+                                                                         device=s.device)
         return b, a.reshape(a.shape[0], -1)
 
     return _exact(delta, one)
@@ -91,12 +92,12 @@ def _expert_factors(delta: DeltaWeight) -> _Pair:
     def one(params: Mapping[str, torch.Tensor]) -> _Pair:
         p_out, s, p_in, mg = delta.views(params)  # ΔW[e,i,j] = Σ P_out[e,a] S[a,b,j] P_in[i,b]
         s = s.detach().double()
-        p_out = p_out.detach().double() if p_out is not None else torch.eye(e, dtype=torch.float64)
+        p_out = p_out.detach().double() if p_out is not None else torch.eye(e, dtype=torch.float64, device=s.device)
         if mg > 1:  # CP: S (R, 1, d2), P_in (d1, R) shares P_out's index
             return p_in.detach().double() * p_out[:, None, :], s[:, 0].expand(e, *s[:, 0].shape)
         m = torch.einsum("ea,abj->ebj", p_out, s)
         if p_in is None:
-            return torch.eye(d1, dtype=torch.float64).expand(e, d1, d1), m
+            return torch.eye(d1, dtype=torch.float64, device=m.device).expand(e, d1, d1), m
         return p_in.detach().double().expand(e, *p_in.shape), m
 
     return _exact(delta, one)
@@ -129,7 +130,7 @@ def _conv_tensors(mod: str, base: nn.Module, d: DeltaWeight) -> _Pair:
     bs, as_ = _smallest(b.reshape(g, og, -1), a.expand(g, *a.shape))
     rho = bs.shape[-1]
     full = a.new_zeros(g, rho, g, cg, *kernel)
-    j = torch.arange(g)
+    j = torch.arange(g, device=a.device)
     full[j, :, j] = as_.reshape(g, rho, cg, *kernel)
     return full.reshape(g * rho, g * cg, *kernel), bs.reshape(g * og, rho, *ones)
 
@@ -242,7 +243,7 @@ def export_peft_lora(model: nn.Module, path: str | os.PathLike, adapter_name: st
             pair = {"lora_A.weight": a, "lora_B.weight": b}
             key, prefix = p, f"base_model.model.{prefixes[p]}"
         for k, v in pair.items():
-            tensors[f"{prefix}.{k}"] = v.to(dt).contiguous()
+            tensors[f"{prefix}.{k}"] = v.to("cpu", dt).contiguous()
         r = next(iter(pair.values())).shape[0]  # lora_A (r, ...) or lora_embedding_A (r, num)
         ranks[key] = r // d.spec.shape[0] if isinstance(h, DeltaParametrization) and d.spec.ndim == 3 else r
         sizes.append((key, sum(v.numel() for v in pair.values()), math.prod(d.spec.shape)))
