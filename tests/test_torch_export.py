@@ -242,6 +242,17 @@ def test_parameter_adapters_peft_cannot_hold_are_refused(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_parameters_of_one_module_adapted_apart_are_refused(tmp_path):
+    from tucker_peft.backends.torch import add_adapter
+    m = Moe()
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_parameters=["experts.down"]), adapter_name="a")
+    add_adapter(m, AdapterConfig(kind="lora", ranks=2, target_parameters=["experts.gate_up", "experts.down"]),
+                adapter_name="b")
+    with pytest.raises(tp.TuckerPeftError, match="order in the module is unknown"):
+        export_peft_lora(m, tmp_path, adapter_name="b")
+    export_peft_lora(m, tmp_path, adapter_name="a")  # one parameter: no order to know
+
+
 # -- weighted combination ------------------------------------------------------------------------
 
 class Mixed(nn.Module):

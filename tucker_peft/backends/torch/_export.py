@@ -152,7 +152,8 @@ def _param_prefixes(model: nn.Module, paths: list[str]) -> dict[str, str]:
 
     PEFT wraps every parameter whose path is a target or ends with ``"." + target``; the wrappers of one
     module nest in the module's parameter order, the first innermost. The order taken here is the one the
-    parameters were adapted in, which is the module's own when one ``inject`` adapted them together.
+    parameters were adapted in, which is the module's own when one ``inject`` adapted them together
+    (parameters first adapted by different adapters are refused).
     """
     targets = set(paths)
     for p in _named_weights(model):
@@ -164,9 +165,18 @@ def _param_prefixes(model: nn.Module, paths: list[str]) -> dict[str, str]:
     for mod_path in {p.rpartition(".")[0] for p in paths}:
         owner = model.get_submodule(mod_path)
         hit = [n for n in owner.parametrizations if f"{mod_path}.{n}" in targets]
+        firsts = {n: next(iter(_delta_hook(owner, n).adapters)) for n in hit}
+        if len(set(firsts.values())) > 1:
+            raise TuckerPeftError(f"{mod_path!r}: its parameters {hit} were first adapted by different adapters "
+                                  f"({firsts}), so their order in the module is unknown; PEFT nests its wrappers in "
+                                  "that order. Adapt them in one inject to export them")
         for i, n in enumerate(hit):
             out[f"{mod_path}.{n}"] = mod_path + ".base_layer" * (len(hit) - 1 - i)
     return out
+
+
+def _delta_hook(owner: nn.Module, attr: str) -> DeltaParametrization:
+    return next(q for q in owner.parametrizations[attr] if isinstance(q, DeltaParametrization))
 
 
 def export_peft_lora(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, *,
@@ -203,9 +213,12 @@ def export_peft_lora(model: nn.Module, path: str | os.PathLike, adapter_name: st
         For what PEFT's LoRA cannot express exactly: convs with dilation or a
         non-zero padding_mode (PEFT's ``lora_A`` drops both); parameter adapters
         on 4-D+ parameters (``ParamWrapper`` takes 2-D and 3-D), on the top-level
-        module, on a parameter that another parametrization also changes, or on
-        a module that also has a layer adapter; extra trained base parameters
-        unless ``ignore_trainable``. Nothing is written then.
+        module, on a parameter that another parametrization also changes, on
+        a module that also has a layer adapter, where PEFT's suffix matching
+        would catch another parameter, or on parameters of one module first
+        adapted by different adapters (PEFT nests by their unknown order);
+        extra trained base parameters unless ``ignore_trainable``. Nothing is
+        written then.
     """
     name = _resolve_name(model, adapter_name)
     deltas = _deltas(model, name)
