@@ -248,6 +248,11 @@ def test_parameters_of_one_module_adapted_apart_are_refused(tmp_path):
     inject(m, AdapterConfig(kind="lora", ranks=2, target_parameters=["experts.down"]), adapter_name="a")
     add_adapter(m, AdapterConfig(kind="lora", ranks=2, target_parameters=["experts.gate_up", "experts.down"]),
                 adapter_name="b")
+    m.blk = nn.Module()
+    m.blk.experts = Experts()  # PEFT's target "experts.gate_up" would also wrap "blk.experts.gate_up"
+    with pytest.raises(tp.TuckerPeftError, match="also matches 'blk.experts.gate_up'"):
+        export_peft_lora(m, tmp_path, adapter_name="b")
+    del m.blk
     with pytest.raises(tp.TuckerPeftError, match="order in the module is unknown"):
         export_peft_lora(m, tmp_path, adapter_name="b")
     export_peft_lora(m, tmp_path, adapter_name="a")  # one parameter: no order to know
