@@ -80,9 +80,10 @@ class Grouped(nn.Module):
         self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)        # out/groups = 1
         self.gc = nn.Conv2d(8, 12, 3, padding=1, groups=2)       # out/groups = 6, in/groups·k² = 36
         self.pw = nn.Conv2d(12, 12, 1, groups=4)                 # in/groups·k² = 3 < the adapter's rank
+        self.full = nn.Conv2d(12, 4, 3)                          # groups = 1, out = 4 < the adapter's rank
 
     def forward(self, x):
-        return self.pw(torch.relu(self.gc(torch.relu(self.dw(x)))))
+        return self.full(self.pw(torch.relu(self.gc(torch.relu(self.dw(x))))))
 
 
 def _grouped():
@@ -102,7 +103,7 @@ def _peft_min_rank(base, dw):
 def test_grouped_conv_exports_at_the_smallest_exact_rank(tmp_path, kind, init):
     m = _grouped()
     x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
-    inject(m, AdapterConfig(kind=kind, ranks=5, target_modules=["dw", "gc", "pw"], init=init))
+    inject(m, AdapterConfig(kind=kind, ranks=5, target_modules=["dw", "gc", "pw", "full"], init=init))
     _perturb(m)
     with pytest.warns(UserWarning, match="'dw'.*grouped-conv LoRA"):
         export_peft_lora(m, tmp_path)
@@ -126,7 +127,8 @@ def test_depthwise_tucker_example_exports_at_rank_groups():
     assert a.shape == (72, 72, 5, 5) and b.shape == (72, 1, 1, 1)
     j = torch.arange(72)
     # PEFT's grouped lora_B sends hidden channel o to output o: ΔW[o] = b[o]·a[o, o], and a[o, i≠o] = 0
-    torch.testing.assert_close(b.reshape(72, 1, 1, 1) * a[j, j][:, None], h.adapters["default"].delta_weight().detach().double())
+    dw = h.adapters["default"].delta_weight().detach().double()
+    torch.testing.assert_close(b.reshape(72, 1, 1, 1) * a[j, j][:, None], dw)
     off = a.clone()
     off[j, j] = 0
     assert not off.any()

@@ -83,7 +83,7 @@ class CP(Parametrization):
     @classmethod
     def concat(cls, specs: Sequence["CP"], params_list: Sequence[Mapping[str, Any]],
                weights: Sequence[float]) -> tuple["CP", Params]:
-        """One CP with ``reconstruct = Σ_i weights[i] · specs[i].reconstruct(params_list[i])``: the components side by side.
+        """One CP with ``reconstruct = Σ_i weights[i] · specs[i].reconstruct(params_list[i])``: components side by side.
 
         Returns
         -------

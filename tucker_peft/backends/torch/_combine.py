@@ -83,9 +83,9 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
                 continue
             kinds.setdefault(a, d.spec.kind)
             if d.has_init:
-                raise TuckerPeftError(f"adapters: {a!r} was started with init='hosvd' and holds part of the base weight "
-                                      f"({path!r}), so its ΔW cannot be added to another's exactly; expected zero-init "
-                                      "adapters")
+                raise TuckerPeftError(f"adapters: {a!r} was started with init='hosvd' and holds part of the base "
+                                      f"weight ({path!r}), so its ΔW cannot be added to another's exactly; "
+                                      "expected zero-init adapters")
             if d.config is not None and d.config.trainable:
                 raise TuckerPeftError(f"adapters: {a!r} trains base parameters {d.config.trainable!r} along with it, "
                                       "which a combination of ΔW cannot hold; expected adapters without trainable=")

@@ -27,7 +27,6 @@ from typing import Callable, Mapping
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ..._errors import TuckerPeftError, fmt_shape
 from ._io import _deltas, _resolve_name, _write_json, _write_tensors
