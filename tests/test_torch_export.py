@@ -116,6 +116,29 @@ def test_grouped_conv_exports_at_the_smallest_exact_rank(tmp_path, kind, init):
     torch.testing.assert_close(_peft_load(_grouped, tmp_path)(x), m(x).detach())
 
 
+@pytest.mark.parametrize("kind", ["tucker", "cp"])
+@pytest.mark.parametrize("conv, x_shape", [(lambda: nn.Conv1d(6, 9, 3, padding=1, groups=3), (2, 6, 7)),
+                                           (lambda: nn.Conv3d(4, 4, 2, groups=4), (2, 4, 3, 3, 3))],
+                         ids=["conv1d", "conv3d"])
+def test_grouped_conv1d_conv3d_export(tmp_path, kind, conv, x_shape):
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(conv()).double()
+
+    m = make()
+    x = torch.randn(*x_shape, dtype=torch.float64)
+    inject(m, AdapterConfig(kind=kind, ranks=4, target_modules=["0"]))
+    _perturb(m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the size warning
+        export_peft_lora(m, tmp_path)
+    _, tensors = _read(tmp_path)
+    h = dict(adapted_layers(m))["0.weight"]
+    assert tensors["base_model.model.0.lora_A.weight"].shape[0] <= _peft_min_rank(
+        h.base_layer, h.adapters["default"].delta_weight().detach())
+    torch.testing.assert_close(_peft_load(make, tmp_path)(x), m(x).detach())
+
+
 def test_depthwise_tucker_example_exports_at_rank_groups():
     """The issue's example, scaled down 8x: Tucker ranks (7, 1, 5, 5) on a depthwise conv gave r = 7·groups."""
     from tucker_peft.backends.torch._export import _conv_tensors
