@@ -334,6 +334,17 @@ def test_weighted_combination_equals_the_dense_sum(kind):
     torch.testing.assert_close(m(x, idx), ref(x, idx))
 
 
+def test_weighted_combination_of_adapters_on_different_layers():
+    from tucker_peft.backends.torch import add_adapter, add_weighted_adapter
+    m = _two_adapters("cp")
+    add_adapter(m, AdapterConfig(kind="cp", ranks=2, target_modules=["fc"]), adapter_name="c")
+    _perturb(m, seed=4)
+    add_weighted_adapter(m, ["a", "c"], [2.0, 0.5], "mix")
+    for path, h in adapted_layers(m):
+        want = 2.0 * h.adapters["a"].delta_weight() + (0.5 * h.adapters["c"].delta_weight() if "c" in h.adapters else 0)
+        torch.testing.assert_close(h.adapters["mix"].delta_weight(), want, rtol=1e-12, atol=1e-12)
+
+
 def test_weighted_combination_trains_saves_and_exports_like_any_adapter(tmp_path):
     from tucker_peft.backends.torch import add_weighted_adapter, load_adapter, save_adapter
     m = _two_adapters("tucker")
