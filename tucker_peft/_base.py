@@ -12,7 +12,7 @@ import functools
 import math
 import operator
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
@@ -24,7 +24,7 @@ from . import _dispatch
 from ._dispatch import ArrayContext, contract, contract_vjp, plan_cost, vjp_cost
 from ._errors import InitError, ParamsError, RankError, TuckerPeftError, fmt_shape
 
-__all__ = ["Parametrization", "Cost", "register", "parametrization", "kinds"]
+__all__ = ["Parametrization", "Cost", "register", "parametrization", "kinds", "MAX_MODES"]
 
 Params = dict[str, Any]
 
@@ -49,16 +49,30 @@ def check_rank(value: Any, what: str, low: int, high: int) -> int:
     return check_int(value, what, low, high, RankError)
 
 
-def check_shape(shape: Any) -> tuple[int, ...]:
-    """Validate a weight shape: a non-empty sequence of positive ints."""
+#: Most modes a spec takes unless its ``max_modes=`` says more: planning and
+#: decomposition costs grow quickly with the number of modes.
+MAX_MODES = 12
+
+
+def check_shape(shape: Any, max_modes: int | None = None) -> tuple[int, ...]:
+    """Validate a weight shape: a non-empty sequence of positive ints, at most
+    ``max_modes`` of them (default :data:`MAX_MODES`)."""
     if isinstance(shape, (int, np.integer)):
         shape = (shape,)
+    if isinstance(shape, (str, bytes)):
+        raise TuckerPeftError(f"shape: expected a sequence of positive ints, got {shape!r}")
     try:
         dims = tuple(shape)
     except TypeError:
         raise TuckerPeftError(f"shape: expected a sequence of positive ints, got {shape!r}") from None
     if not dims:
         raise TuckerPeftError("shape: expected at least one mode, got ()")
+    cap = MAX_MODES if max_modes is None else check_int(max_modes, "max_modes", 1)
+    if len(dims) > cap:
+        raise TuckerPeftError(
+            f"shape: expected at most {cap} modes, got {len(dims)} ({fmt_shape(dims)[:80]}); planning and "
+            f"decomposition cost grow quickly with the modes: pass max_modes={len(dims)} to the spec to allow it"
+        )
     return tuple(check_int(d, f"shape[{i}] of {dims!r}", 1) for i, d in enumerate(dims))
 
 
@@ -100,9 +114,13 @@ class Parametrization(ABC):
     ----------
     shape : tuple of int
         Shape of the weight, e.g. ``(out, in/groups, *kernel)`` for a conv.
+    max_modes : int, optional (keyword only)
+        Accept more modes than :data:`MAX_MODES` (12). Not part of the spec's
+        identity (equality, hash, repr).
     """
 
     shape: tuple[int, ...]
+    max_modes: int | None = field(default=None, kw_only=True, repr=False, compare=False)
 
     kind: ClassVar[str] = ""
     #: Names accepted by :meth:`init`; aliases map to a canonical method.

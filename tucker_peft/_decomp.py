@@ -137,7 +137,8 @@ def _st_order(shape: tuple[int, ...], ranks: tuple[int | None, ...]) -> tuple[in
 def _ranks_for(tensor: Any, ranks: Any) -> tuple[int | None, ...]:
     from .tucker import Tucker
 
-    return Tucker(tuple(tensor.shape), ranks).ranks
+    # A tensor given directly is decomposed whatever its number of modes (no spec cap).
+    return Tucker(tuple(tensor.shape), ranks, max_modes=max(tensor.ndim, 1)).ranks
 
 
 def hosvd(tensor: Any, ranks: Any, *, sequential: bool = True) -> tuple[Any, tuple[Any | None, ...]]:

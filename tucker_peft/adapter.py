@@ -48,8 +48,11 @@ def _finite_scale(scale: Any) -> float:
 
 
 def spec_to_json(spec: Parametrization) -> str:
-    """JSON of a spec: its kind and dataclass fields (``shape``, ``ranks``/``rank``...)."""
-    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    """JSON of a spec: its kind and dataclass fields (``shape``, ``ranks``/``rank``...).
+
+    Fields outside the spec's identity (``max_modes``) only when set."""
+    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)
+              if f.compare or getattr(spec, f.name) is not None}
     return json.dumps({"kind": spec.kind, **fields})
 
 
