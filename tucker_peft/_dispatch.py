@@ -85,11 +85,12 @@ def _optimize(n_operands: int) -> str:
 
 
 def _rest_search(n_operands: int) -> str:
-    """Search for the ``n - 1``-operand rests of :func:`_gemm_last`: never more exhaustive
-    than the whole problem's, and 'dp' above 5 operands (it tries ``n`` of them, and may
-    already give up 2 % of FLOPs for the layout)."""
-    search = _optimize(n_operands - 1)
-    return "dp" if search == "optimal" and n_operands - 1 > 5 else search if n_operands <= DP_MAX_OPERANDS else "greedy"
+    """Search for the ``n - 1``-operand rests of :func:`_gemm_last`, which tries ``n`` of
+    them and may already give up 2 % of FLOPs for the layout: 'optimal' up to 5 operands,
+    then 'dp', and 'greedy' when the whole problem is planned greedily."""
+    if n_operands > DP_MAX_OPERANDS:
+        return "greedy"
+    return "optimal" if n_operands - 1 <= 5 else "dp"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -206,8 +207,7 @@ def _gemm_last(terms: list[str], out: str, shapes: tuple[tuple[int, ...], ...],
     """A path whose last step multiplies one operand, whose free indices begin or
     end ``out``, by the contraction of all the others: the result then comes out
     in order. The cheapest such path within ``budget`` FLOPs, or None. The
-    ``n - 1``-operand rests are planned with the full problem's search, so the
-    ``n`` of them cost no more than it does."""
+    ``n - 1``-operand rests are planned by :func:`_rest_search`."""
     n = len(terms)
     search = _rest_search(n)
     size = {c: d for t, shp in zip(terms, shapes) for c, d in zip(t, shp)}
