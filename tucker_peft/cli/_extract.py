@@ -368,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
     common, problems = _pair_up(base, tuned, args)
     if not common:
         raise TuckerPeftError(f"no adaptable tensor is in both BASE and TUNED with the same shape "
-                              f"({len(problems)} mismatched; rule: ndim >= 2, floating, name matching "
+                              f"({len(problems)} mismatched; rule: 2 <= ndim <= 12, floating, name matching "
                               f"{args.include.pattern!r})")
 
     t_start = time.perf_counter()

@@ -26,7 +26,7 @@ KINDS = ("tucker", "tucker2", "cp", "lora")
 DEFAULT_INCLUDE = r"weight$"
 
 SELECTION_RULE = f"""\
-Adaptable tensors: floating point, at least 2 dimensions (none of size 0), and
+Adaptable tensors: floating point, 2 to 12 dimensions (none of size 0), and
 a name matching --include (a Python regex searched anywhere in the name;
 default {DEFAULT_INCLUDE!r}: names ending in 'weight') and not matching
 --exclude. That takes linear weights (out, in), embeddings (vocab, dim) and
@@ -421,7 +421,7 @@ def run(args: argparse.Namespace) -> int:
     names, other = select(ck, args.include, args.exclude)
     if not names:
         raise TuckerPeftError(f"{args.model}: no adaptable tensors among its {len(ck)} "
-                              f"(rule: ndim >= 2, floating, name matching {args.include.pattern!r}"
+                              f"(rule: 2 <= ndim <= 12, floating, name matching {args.include.pattern!r}"
                               + (f", not {args.exclude.pattern!r}" if args.exclude else "") + ")")
     rows = plan(ck, names, args.kinds, rule, Progress(names, "ranks", args.quiet))
     total_numel = sum(r["numel"] for r in rows)
@@ -462,7 +462,7 @@ def run(args: argparse.Namespace) -> int:
             if s["spec"] is None:
                 print(printable(f"- {r['name']} {k}: {s['reason']}"))
     share = ", ".join(f"{k} {totals[k]:,} ({pct(totals[k], total_numel)})" for k in args.kinds)
-    print(f"{len(rows)} of {len(ck)} tensors adaptable ({len(other)} not: ndim < 2, not floating, or name not "
+    print(f"{len(rows)} of {len(ck)} tensors adaptable ({len(other)} not: ndim < 2 or > 12, not floating, or name not "
           f"matching {args.include.pattern!r}{' or matching ' + repr(args.exclude.pattern) if args.exclude else ''}); "
           f"{rule.describe()}; '*' = mode unfactorised. Totals: {share} of {total_numel:,} weights.")
     return 0
