@@ -441,3 +441,175 @@ def test_entry_point_and_no_torch_import(tmp_path):
     r = subprocess.run([exe, "ranks", str(tmp_path / "missing"), "--budget", "1"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("tucker-peft: error: ")
+
+
+# -- untrusted checkpoints and crashes (one line, exit 2 for a bad argument, 1 for a failure) ---
+
+def _one_line_error(rc, out, err, code):
+    assert rc == code, err
+    assert err.count("\n") == 1 and err.startswith("tucker-peft: error: "), err
+    assert "Traceback" not in err
+    return err
+
+
+def _index(folder, wmap):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"weight_map": wmap}, f)
+    return str(folder)
+
+
+def test_index_cannot_send_shards_outside_the_checkpoint(tmp_path, capsys):
+    tensors = _base()
+    os.makedirs(tmp_path / "outside")
+    safetensors_numpy.save_file(tensors, str(tmp_path / "outside" / "x.safetensors"))
+    outside = str(tmp_path / "outside" / "x.safetensors")
+    ck = tmp_path / "ck"
+    os.makedirs(ck / "sub")
+    os.symlink(outside, ck / "link.safetensors")
+    os.symlink(tmp_path / "outside", ck / "sub" / "dir")
+    for shard in ("../outside/x.safetensors", outside, "link.safetensors", "sub/dir/x.safetensors",
+                  "sub/../../outside/x.safetensors"):
+        folder = _index(ck, {n: shard for n in tensors})
+        with pytest.raises(CheckpointError, match="outside it|absolute path"):
+            open_checkpoint(folder)
+        err = _one_line_error(*_run(capsys, "ranks", folder, "--budget", 100), 2)
+        assert "weight_map" in err
+    # A shard in a subfolder of the checkpoint is fine.
+    shutil.copy(outside, ck / "sub" / "x.safetensors")
+    assert sorted(open_checkpoint(_index(ck, {n: "sub/x.safetensors" for n in tensors})).keys()) == sorted(tensors)
+
+
+def test_hugging_face_cache_layout_with_symlinks_into_blobs_still_loads(tmp_path):
+    tensors = _base()
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    os.makedirs(blobs)
+    os.makedirs(snap)
+    safetensors_numpy.save_file(tensors, str(blobs / "1234"))
+    with open(blobs / "5678", "w") as f:
+        json.dump({"weight_map": {n: "model-00001-of-00001.safetensors" for n in tensors}}, f)
+    os.symlink("../../blobs/1234", snap / "model-00001-of-00001.safetensors")
+    os.symlink("../../blobs/5678", snap / "model.safetensors.index.json")
+    assert sorted(open_checkpoint(snap).keys()) == sorted(tensors)
+
+
+def test_a_shard_that_is_not_safetensors_is_not_echoed(tmp_path, capsys):
+    secret = b"root:x:0:0:root:/root:/bin/bash\n" * 4
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "passwd.safetensors").write_bytes(secret)
+    folder = _index(tmp_path / "ck", {"w.weight": "passwd.safetensors"})
+    err = _one_line_error(*_run(capsys, "ranks", folder, "--budget", 100), 2)
+    assert str(int.from_bytes(secret[:8], "little")) not in err and "root:x" not in err
+    assert "expected a safetensors file" in err
+
+
+def _raw_header(path, header: bytes, data: bytes = b"") -> str:
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+    return str(path)
+
+
+@pytest.mark.parametrize("header,data,match", [
+    (b'{"__metadata__": ["a", "b"]}', b"", "__metadata__"),
+    (b'{"__metadata__": "text"}', b"", "__metadata__"),
+    (b'{"__metadata__": {"a": {"b": 1}}}', b"", "__metadata__"),
+    (b"[" * 50_000 + b"]" * 50_000, b"", "nested too deeply"),
+    (b'{"w": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", b"", "nested too deeply"),
+    (b'{"w": [1, 2]}', b"", "expected an object"),
+    (b'{"w": {"dtype": "F32", "shape": [2.9, 2.2], "data_offsets": [0, 16]}}', bytes(16), "shape of ints"),
+    (b'{"w": {"dtype": "F32", "shape": [true, 4], "data_offsets": [0, 16]}}', bytes(16), "shape of ints"),
+    (b'{"w": {"dtype": "F32", "shape": [-2, -2], "data_offsets": [0, 16]}}', bytes(16), "shape of ints"),
+    (b'{"w": {"dtype": "F32", "shape": "22", "data_offsets": [0, 16]}}', bytes(16), "shape of ints"),
+    (b'{"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0.0, 16.5]}}', bytes(16), "two ints"),
+    (b'{"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 8]}}', bytes(16), "needs 16 bytes"),
+    (b'{"w": {"dtype": "F99", "shape": [2, 2], "data_offsets": [0, 16]}}', bytes(16), "expected a dtype"),
+    (b'{"w": {"dtype": ["F32"], "shape": [2, 2], "data_offsets": [0, 16]}}', bytes(16), "expected a dtype"),
+    (b'{"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 32]}}', bytes(16), "do not fit"),
+], ids=["meta-list", "meta-str", "meta-nested", "deep", "deep-entry", "list-entry", "float-shape", "bool-dim", "negative",
+        "str-shape", "float-offsets", "short-data", "unknown-dtype", "list-dtype", "offsets-beyond"])
+def test_malformed_headers_are_one_line_errors(tmp_path, capsys, header, data, match):
+    path = _raw_header(tmp_path / "bad.safetensors", header, data)
+    with pytest.raises(CheckpointError, match=match):
+        open_checkpoint(path)
+    _one_line_error(*_run(capsys, "ranks", path, "--budget", 100), 2)
+
+
+def test_deeply_nested_index_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "model.safetensors.index.json").write_text("[" * 50_000 + "]" * 50_000)
+    err = _one_line_error(*_run(capsys, "ranks", tmp_path / "ck", "--budget", 100), 2)
+    assert "nested too deeply" in err
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    os.makedirs(tmp_path / "ck")
+    os.mkfifo(tmp_path / "ck" / "model.safetensors.index.json")
+    for p in (tmp_path / "pipe.safetensors", tmp_path / "ck"):
+        r = _py("-m", "tucker_peft.cli", "ranks", str(p), "--budget", "100")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "a FIFO" in r.stderr, r.stderr
+
+
+def test_names_with_control_characters_are_escaped(tmp_path, capsys):
+    evil = "evil\x1b[31m\x1b]0;pwned\x07.weight"
+    tensors = {evil: np.ones((6, 4), np.float32), "ok.weight": np.ones((6, 4), np.float32)}
+    safetensors_numpy.save_file(tensors, str(tmp_path / "b.safetensors"))
+    tuned = {k: v + np.outer(np.arange(6), np.arange(4)).astype(np.float32) for k, v in tensors.items()}
+    tuned["gone\x1b[2J.weight"] = np.ones((3, 3), np.float32)
+    safetensors_numpy.save_file(tuned, str(tmp_path / "t.safetensors"))
+    rc, out, err = _run(capsys, "ranks", tmp_path / "b.safetensors", "--budget", 10)
+    assert rc == 0 and "\x1b" not in out + err and "evil\\x1b[31m" in out
+    rc, out, err = _run(capsys, "extract", tmp_path / "b.safetensors", tmp_path / "t.safetensors", "--kind", "lora",
+                        "--budget", 100, "-o", tmp_path / "ad")
+    assert rc == 0, err
+    assert "\x1b" not in out + err and "\x07" not in out + err and "gone\\x1b[2J" in err
+
+
+def test_seed_must_be_non_negative(tmp_path, capsys):
+    bpath, tpath, _, _ = _pair(tmp_path, "cp", sharded=False)
+    err = _one_line_error(*_run(capsys, "extract", bpath, tpath, "--kind", "cp", "--budget", 200, "--seed", -1,
+                                "-o", tmp_path / "ad"), 2)
+    assert "--seed" in err and not os.path.exists(tmp_path / "ad")
+
+
+@pytest.mark.parametrize("error", ["oserror", "safetensors"])
+def test_full_disk_is_one_line_exit_1(tmp_path, capsys, monkeypatch, error):
+    import errno
+
+    import safetensors
+    import safetensors.numpy
+
+    bpath, tpath, _, _ = _pair(tmp_path, "lora", sharded=False)
+
+    def full(*a, **k):
+        if error == "oserror":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        # What safetensors itself raises on ENOSPC.
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full)
+    err = _one_line_error(*_run(capsys, "extract", bpath, tpath, "--kind", "lora", "--budget", 200,
+                                "-o", tmp_path / "ad", "-q"), 1)
+    assert "No space left on device" in err
+    assert sorted(os.listdir(tmp_path)) == ["base.safetensors", "tuned.safetensors"]
+
+
+def test_compare_threads_beyond_the_cores_is_a_usage_error(capsys):
+    err = _one_line_error(*_run(capsys, "compare", "--threads", 100000), 2)
+    assert "--threads" in err and "cores" in err
+
+
+def test_tensors_with_more_modes_than_the_cap_are_skipped_quickly(tmp_path, capsys):
+    # A 4-element 20-D tensor made extract plan for more than 90 s.
+    base = {"deep.weight": np.zeros((2, 2) + (1,) * 18, np.float32), "ok.weight": np.zeros((6, 4), np.float32)}
+    tuned = {k: v + 1 for k, v in base.items()}
+    safetensors_numpy.save_file(base, str(tmp_path / "b.safetensors"))
+    safetensors_numpy.save_file(tuned, str(tmp_path / "t.safetensors"))
+    rc, out, err = _run(capsys, "extract", tmp_path / "b.safetensors", tmp_path / "t.safetensors", "--kind", "tucker",
+                        "--budget", 100, "-o", tmp_path / "ad")
+    assert rc == 0, err
+    report = json.loads((tmp_path / "ad" / "extract_report.json").read_text())
+    assert [r["name"] for r in report["layers"]] == ["ok.weight"]
+    rc, out, err = _run(capsys, "ranks", tmp_path / "b.safetensors", "--budget", 100, "--json")
+    skipped = {r["name"]: r["reason"] for r in json.loads(out)["not_adaptable"]}
+    assert "ndim 20 > 12" in skipped["deep.weight"]

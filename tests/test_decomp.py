@@ -191,3 +191,40 @@ def test_tall_unfolding_singular_vectors_match_svd_even_when_rank_deficient(rank
     uu, _, _ = np.linalg.svd(m, full_matrices=False)
     p_ref = uu[:, :keep] @ uu[:, :keep].T
     np.testing.assert_allclose(u[:, :keep] @ u[:, :keep].T, p_ref, atol=1e-8)
+
+
+# -- numerical inputs ----------------------------------------------------------------
+
+NONFINITE = [np.nan, np.inf, -np.inf]
+
+
+@pytest.mark.parametrize("bad", NONFINITE)
+@pytest.mark.parametrize("call", [
+    lambda t: tp.hosvd(t, 2), lambda t: tp.hosvd(t, 2, sequential=False), lambda t: tp.hooi(t, 2),
+    lambda t: tp.ranks.by_energy(t, 0.9), lambda t: tp.parafac(t, 2, n_iter=2),
+    lambda t: tp.Tucker(t.shape, 2).init("hosvd", tensor=t),
+], ids=["hosvd", "hosvd-classic", "hooi", "by_energy", "parafac", "init"])
+def test_nonfinite_tensor_is_refused_before_any_decomposition(call, bad):
+    t = np.random.default_rng(0).standard_normal((5, 4, 3))
+    t[1, 2, 0] = bad
+    with pytest.raises(tp.TuckerPeftError, match="tensor: contains NaN or Inf"):
+        call(t)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, bool])
+@pytest.mark.parametrize("call", [lambda t: tp.hosvd(t, 2), lambda t: tp.hooi(t, 2),
+                                  lambda t: tp.ranks.by_energy(t, 0.9), lambda t: tp.parafac(t, 2, n_iter=2)],
+                         ids=["hosvd", "hooi", "by_energy", "parafac"])
+def test_integer_and_bool_tensors_are_refused_not_zeroed(call, dtype):
+    # Decomposed in their own dtype they gave all-zero factors (relative error 1.0) without a word.
+    t = (np.random.default_rng(0).standard_normal((5, 4, 3)) > 0).astype(dtype)
+    with pytest.raises(tp.TuckerPeftError, match=r"tensor: expected a real floating dtype, got .*cast it first"):
+        call(t)
+    core, factors = tp.hosvd(t.astype(np.float64), 2)  # the cast the message asks for works
+    assert np.abs(factors[0]).max() > 0
+
+
+def test_direct_decomposition_is_not_capped_by_the_spec_mode_limit():
+    t = np.random.default_rng(0).standard_normal((2,) * 13)
+    core, factors = tp.hosvd(t, 1)
+    assert core.shape == (1,) * 13 and len(factors) == 13

@@ -229,3 +229,86 @@ def test_budget_sweep_on_synthetic_update():
     tiny = budget_sweep(t, [5], kinds=("tucker", "lora"), steps=1)
     assert all(r.spec is None and math.isnan(r.rel_error) for r in tiny)
     assert set(rows[0].as_dict()) >= {"kind", "budget", "num_params", "rel_error"}
+
+
+# -- numerical inputs ----------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+@pytest.mark.parametrize("big", [1e200, 1e-200])
+def test_huge_and_tiny_targets_are_rescaled_not_nan(spec, big):
+    # Their squared norms over/underflow float64; the fit must match the fit of the unit-scale target.
+    t = _target()
+    ref = fit(spec, t, steps=3)
+    res = fit(spec, t * big, steps=3)
+    assert np.all(np.isfinite(res.rel_errors))
+    np.testing.assert_allclose(res.rel_errors, ref.rel_errors, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(to_np(res.delta()) / big, to_np(ref.delta()), rtol=1e-8, atol=1e-10)
+
+
+def test_huge_target_callback_sees_params_in_target_units():
+    t = _target() * 1e200
+    seen = []
+    res = fit(SPECS[2], t, steps=2, callback=lambda k, p, e: seen.append(to_np(SPECS[2].reconstruct(p))))
+    np.testing.assert_allclose(seen[-1], to_np(res.delta()), rtol=1e-12)
+    assert np.abs(seen[-1]).max() > 1e199
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+@pytest.mark.parametrize("method", ["als", "adam"])
+def test_all_zero_target_gives_zero_delta(spec, method):
+    res = fit(spec, np.zeros(spec.shape), steps=3, method=method)
+    assert np.all(to_np(res.delta()) == 0) and np.all(res.rel_errors == 0)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_half_precision_targets_fit_in_float32_and_return_their_dtype(spec):
+    t = _target()
+    ref = fit(spec, t.astype(np.float32), steps=2)
+    res = fit(spec, t.astype(np.float16), steps=2)
+    assert all(v.dtype == np.float16 for v in res.params.values())
+    # The fit is the float32 fit of the float16 values (within float16 rounding of the target).
+    assert abs(res.final_error - ref.final_error) < 1e-2
+    torch = pytest.importorskip("torch")
+    res = fit(spec, torch.tensor(t, dtype=torch.bfloat16), steps=2)
+    assert all(v.dtype == torch.bfloat16 for v in res.params.values())
+    assert abs(res.final_error - ref.final_error) < 3e-2
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+def test_half_precision_params_that_overflow_are_a_clear_error():
+    # CP weights carry the whole norm: beyond float16's 65504 they cannot be returned.
+    t = np.full((40, 40), 60000.0, dtype=np.float16)
+    with pytest.raises(TuckerPeftError, match="overflow float16"):
+        fit(tp.CP(t.shape, 1), t, steps=1)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nonfinite_target_is_refused(bad):
+    t = _target()
+    t[0, 0, 0, 0] = bad
+    for spec in SPECS:
+        with pytest.raises(TuckerPeftError, match="target: contains NaN or Inf"):
+            fit(spec, t, steps=1, init="random")
+
+
+@pytest.mark.parametrize("bad", [None, "2", True, float("nan"), [1.0]])
+def test_scale_is_validated_in_one_place(bad):
+    spec = SPECS[0]
+    params = spec.init("random", seed=0)
+    for call in (lambda: spec.reconstruct(params, bad), lambda: spec.vjp(params, np.ones(spec.shape), bad),
+                 lambda: spec.apply(params, np.ones((2, 9, 3, 3)), bad), lambda: fit(spec, _target(), scale=bad),
+                 lambda: tp.Adapter(spec, params, scale=bad)):
+        with pytest.raises(TuckerPeftError, match=r"scale.*expected a finite"):
+            call()
+
+
+def test_numpy_scalar_scale_is_accepted_everywhere():
+    spec = SPECS[0]
+    params = spec.init("random", seed=0)
+    s = np.float32(2.0)
+    want = 2.0 * to_np(spec.reconstruct(params))
+    np.testing.assert_allclose(to_np(spec.reconstruct(params, s)), want, rtol=1e-12)
+    np.testing.assert_allclose(to_np(tp.Adapter(spec, params, scale=s).delta()), want, rtol=1e-12)
+    res = fit(spec, _target(), scale=s, steps=1)
+    assert res.scale == 2.0
+    assert spec.init("hosvd", tensor=_target(), scale=s)["core"].shape == spec.param_shapes["core"]

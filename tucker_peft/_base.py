@@ -12,7 +12,7 @@ import functools
 import math
 import operator
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
@@ -24,7 +24,7 @@ from . import _dispatch
 from ._dispatch import ArrayContext, contract, contract_vjp, plan_cost, vjp_cost
 from ._errors import InitError, ParamsError, RankError, TuckerPeftError, fmt_shape
 
-__all__ = ["Parametrization", "Cost", "register", "parametrization", "kinds"]
+__all__ = ["Parametrization", "Cost", "register", "parametrization", "kinds", "MAX_MODES"]
 
 Params = dict[str, Any]
 
@@ -49,16 +49,57 @@ def check_rank(value: Any, what: str, low: int, high: int) -> int:
     return check_int(value, what, low, high, RankError)
 
 
-def check_shape(shape: Any) -> tuple[int, ...]:
-    """Validate a weight shape: a non-empty sequence of positive ints."""
+def check_scale(scale: Any, what: str = "scale", *, nonzero: bool = False,
+                error: type[TuckerPeftError] = TuckerPeftError) -> float:
+    """Validate a scale: a finite real number (Python or NumPy scalar, not a bool), non-zero with ``nonzero``."""
+    expected = "a finite non-zero number" if nonzero else "a finite number"
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer, np.floating)):
+        raise error(f"{what}: expected {expected}, got {type(scale).__name__} {scale!r}"[:200])
+    if not math.isfinite(scale) or (nonzero and scale == 0):
+        raise error(f"{what}: expected {expected}, got {scale!r}")
+    return float(scale)
+
+
+def check_tensor(tensor: Any, what: str = "tensor", error: type[TuckerPeftError] = TuckerPeftError) -> Any:
+    """The array namespace of ``tensor`` after checking that it is real floating and finite.
+
+    Decompositions of an integer or boolean tensor would come back in its
+    dtype (all-zero factors), and NaN/Inf make LAPACK fail or hang: both are
+    refused here. Costs one reduction and one host read.
+    """
+    xp = _dispatch.namespace(tensor, what=(what,))
+    if not xp.isdtype(tensor.dtype, "real floating"):
+        raise error(f"{what}: expected a real floating dtype, got {tensor.dtype}; cast it first "
+                    "(e.g. to float32 or float64)")
+    if not bool(xp.all(xp.isfinite(tensor))):
+        raise error(f"{what}: contains NaN or Inf; expected finite values")
+    return xp
+
+
+#: Most modes a spec takes unless its ``max_modes=`` says more: planning and
+#: decomposition costs grow quickly with the number of modes.
+MAX_MODES = 12
+
+
+def check_shape(shape: Any, max_modes: int | None = None) -> tuple[int, ...]:
+    """Validate a weight shape: a non-empty sequence of positive ints, at most
+    ``max_modes`` of them (default :data:`MAX_MODES`)."""
     if isinstance(shape, (int, np.integer)):
         shape = (shape,)
+    if isinstance(shape, (str, bytes)):
+        raise TuckerPeftError(f"shape: expected a sequence of positive ints, got {shape!r}")
     try:
         dims = tuple(shape)
     except TypeError:
         raise TuckerPeftError(f"shape: expected a sequence of positive ints, got {shape!r}") from None
     if not dims:
         raise TuckerPeftError("shape: expected at least one mode, got ()")
+    cap = MAX_MODES if max_modes is None else check_int(max_modes, "max_modes", 1)
+    if len(dims) > cap:
+        raise TuckerPeftError(
+            f"shape: expected at most {cap} modes, got {len(dims)} ({fmt_shape(dims)[:80]}); planning and "
+            f"decomposition cost grow quickly with the modes: pass max_modes={len(dims)} to the spec to allow it"
+        )
     return tuple(check_int(d, f"shape[{i}] of {dims!r}", 1) for i, d in enumerate(dims))
 
 
@@ -100,9 +141,13 @@ class Parametrization(ABC):
     ----------
     shape : tuple of int
         Shape of the weight, e.g. ``(out, in/groups, *kernel)`` for a conv.
+    max_modes : int, optional (keyword only)
+        Accept more modes than :data:`MAX_MODES` (12). Not part of the spec's
+        identity (equality, hash, repr).
     """
 
     shape: tuple[int, ...]
+    max_modes: int | None = field(default=None, kw_only=True, repr=False, compare=False)
 
     kind: ClassVar[str] = ""
     #: Names accepted by :meth:`init`; aliases map to a canonical method.
@@ -257,7 +302,8 @@ class Parametrization(ABC):
 
     def _fold_scale_at(self, ops: list[Any], scale: Any) -> tuple[int | None, list[Any]]:
         """``_fold_scale``, also telling which operand took ``scale`` (None if none did)."""
-        if isinstance(scale, (int, float)) and scale == 1:
+        scale = check_scale(scale)
+        if scale == 1:
             return None, ops
         k = min(range(len(ops)), key=lambda i: math.prod(ops[i].shape))
         ops = list(ops)
@@ -403,13 +449,11 @@ class Parametrization(ABC):
         if tensor is not None:
             if tuple(getattr(tensor, "shape", ())) != self.shape:
                 raise InitError(f"tensor: expected shape {fmt_shape(self.shape)}, got {fmt_shape(getattr(tensor, 'shape', ()))}")
-            txp = _dispatch.namespace(tensor, what=("tensor",))
-            if not bool(txp.all(txp.isfinite(tensor))):
-                raise InitError("tensor: contains NaN or Inf; expected finite values")
+            check_tensor(tensor, "tensor", InitError)
         elif canon in self.tensor_methods or return_residual:
             raise InitError(f"tensor: method {method!r}{' with return_residual' if return_residual else ''} needs tensor=, got None")
-        if canon in self.tensor_methods and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale != 0):
-            raise InitError(f"scale: method {method!r} divides by it; expected a finite non-zero number, got {scale!r}")
+        if canon in self.tensor_methods:
+            scale = check_scale(scale, f"scale (method {method!r} divides by it)", nonzero=True, error=InitError)
         ctx = ArrayContext.resolve(like=like, tensor=tensor, dtype=dtype)
         rng = np.random.default_rng(seed)
         opts = dict(options)

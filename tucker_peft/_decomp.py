@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 from array_api_compat import device
 
+from ._base import check_tensor
 from ._dispatch import contract, namespace, to_numpy
 from ._errors import TuckerPeftError, fmt_shape
 
@@ -137,7 +138,8 @@ def _st_order(shape: tuple[int, ...], ranks: tuple[int | None, ...]) -> tuple[in
 def _ranks_for(tensor: Any, ranks: Any) -> tuple[int | None, ...]:
     from .tucker import Tucker
 
-    return Tucker(tuple(tensor.shape), ranks).ranks
+    # A tensor given directly is decomposed whatever its number of modes (no spec cap).
+    return Tucker(tuple(tensor.shape), ranks, max_modes=max(tensor.ndim, 1)).ranks
 
 
 def hosvd(tensor: Any, ranks: Any, *, sequential: bool = True) -> tuple[Any, tuple[Any | None, ...]]:
@@ -160,12 +162,18 @@ def hosvd(tensor: Any, ranks: Any, *, sequential: bool = True) -> tuple[Any, tup
     factors : tuple of (array of shape ``(I_n, r_n)`` or None)
         Orthonormal columns.
 
+    Raises
+    ------
+    TuckerPeftError
+        ``tensor`` is not real floating (cast an integer or boolean tensor
+        first) or holds NaN/Inf.
+
     Notes
     -----
     The squared error is at most Σ_n Σ_{i>r_n} σ²_{n,i}, the discarded squared
     singular values of the unfoldings of ``tensor``, in both variants.
     """
-    xp = namespace(tensor, what=("tensor",))
+    xp = check_tensor(tensor)
     rk = _ranks_for(tensor, ranks)
     factors: list[Any | None] = [None] * tensor.ndim
     if sequential:
@@ -204,7 +212,7 @@ def hooi(tensor: Any, ranks: Any, *, n_iter: int = 10, tol: float | None = 1e-8)
     ``‖tensor‖² − error²``) grows by no more than ``tol`` relative;
     ``tol=None`` runs all ``n_iter`` sweeps (and reads nothing back to the host).
 
-    Returns ``(core, factors)`` as :func:`hosvd`.
+    Returns ``(core, factors)`` as :func:`hosvd`, which also checks ``tensor``.
     """
     xp = namespace(tensor, what=("tensor",))
     rk = _ranks_for(tensor, ranks)
@@ -242,7 +250,7 @@ def parafac(tensor: Any, rank: int, *, n_iter: int = 100, tol: float = 1e-8, see
 
     from .cp import CP
 
-    xp = namespace(tensor, what=("tensor",))
+    xp = check_tensor(tensor)
     rank = CP(tuple(tensor.shape), rank).rank
     host = np.asarray(to_numpy(tensor), dtype=np.float64)
     if tensor.ndim == 1:

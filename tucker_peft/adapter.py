@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ._base import Parametrization, parametrization
+from ._base import Parametrization, check_scale, parametrization
 from ._dispatch import ArrayContext, namespace, to_numpy
 from ._errors import ParamsError, TuckerPeftError, fmt_shape
 from .optim import Optimizer
@@ -41,15 +41,12 @@ class StateDictError(TuckerPeftError):
     """A state dict or adapter file that does not fit the adapter."""
 
 
-def _finite_scale(scale: Any) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) or not math.isfinite(scale):
-        raise TuckerPeftError(f"scale: expected a finite number, got {scale!r}")
-    return float(scale)
-
-
 def spec_to_json(spec: Parametrization) -> str:
-    """JSON of a spec: its kind and dataclass fields (``shape``, ``ranks``/``rank``...)."""
-    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    """JSON of a spec: its kind and dataclass fields (``shape``, ``ranks``/``rank``...).
+
+    Fields outside the spec's identity (``max_modes``) only when set."""
+    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)
+              if f.compare or getattr(spec, f.name) is not None}
     return json.dumps({"kind": spec.kind, **fields})
 
 
@@ -118,7 +115,7 @@ class Adapter:
             spec.check_params(params, ("base", base))
         self.spec = spec
         self.params: Params = params
-        self.scale = _finite_scale(scale)
+        self.scale = check_scale(scale)
         self.base = base
         self.optimizer = optimizer
         self.strategy = strategy

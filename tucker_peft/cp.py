@@ -48,7 +48,7 @@ class CP(Parametrization):
     tensor_methods: ClassVar[frozenset[str]] = frozenset({"parafac"})
 
     def __post_init__(self) -> None:
-        shape = check_shape(self.shape)
+        shape = check_shape(self.shape, self.max_modes)
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "rank", check_rank(self.rank, f"rank (CP of shape {shape})", 1, max_cp_rank(shape)))
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from opt_einsum import get_symbol
 
-from ._base import Parametrization, check_int
+from ._base import Parametrization, check_int, check_scale, check_tensor
 from ._decomp import hooi_sweep
 from ._dispatch import contract, namespace, to_numpy
 from ._errors import RankError, TuckerPeftError, fmt_shape
@@ -109,7 +109,7 @@ class _Error:
 
 
 def _init_params(spec: Parametrization, target: Any, init: Any, scale: float, seed: int | None,
-                 options: Mapping[str, Any] | None) -> Params:
+                 options: Mapping[str, Any] | None, zero_target: bool = False) -> Params:
     opts = dict(options or {})
     if isinstance(init, Mapping):
         if opts:
@@ -133,7 +133,36 @@ def _init_params(spec: Parametrization, target: Any, init: Any, scale: float, se
     canon = spec.init_methods.get(init.lower())
     if canon is not None and canon not in spec.tensor_methods:
         return spec.init(init, like=target, seed=seed, **opts)
+    if zero_target and canon is not None:
+        # Every decomposition of zero is ΔW = 0, which 'zero' gives exactly (CP-ALS would
+        # fail on its singular normal equations).
+        return spec.init("zero", like=target, seed=seed)
     return spec.init(init, tensor=target, scale=scale, seed=seed, **opts)
+
+
+def _linear_param(spec: Parametrization) -> str:
+    """A param that ΔW is linear in (it appears once in the einsum): scaling it scales ΔW."""
+    names = [name for name, _, _ in spec._term_list]
+    for name in names:
+        if names.count(name) == 1:
+            return name
+    raise TuckerPeftError(f"target: too large or too small to fit in its dtype, and kind {spec.kind!r} has no param "
+                          "to rescale; divide the target by a power of two first")
+
+
+def _rescaling(xp: Any, target: Any) -> tuple[float, float]:
+    """``(c, max|target|)``: c is a power of two that brings ``max|target|`` near 1 when
+    its square could over- or underflow, else 1.
+
+    Squared norms overflow from about ``sqrt(max)`` (1e154 in float64, 2e19 in
+    float32); the margin of a fourth root leaves room for sums over many
+    elements. Powers of two rescale exactly.
+    """
+    amax = float(xp.max(xp.abs(target)))
+    fi = xp.finfo(target.dtype)
+    if amax == 0 or (float(fi.smallest_normal) ** 0.25 <= amax <= float(fi.max) ** 0.25):
+        return 1.0, amax
+    return math.ldexp(1.0, math.frexp(amax)[1]), amax
 
 
 def fit(spec: Parametrization, target: Any, steps: int = 20, method: str = "als", *, scale: float = 1.0,
@@ -147,8 +176,12 @@ def fit(spec: Parametrization, target: Any, steps: int = 20, method: str = "als"
     spec : Parametrization
         Tucker, Tucker-2, CP or LoRA (``method='adam'`` takes any kind).
     target : array, shape ``spec.shape``
-        The ΔW to approximate, e.g. ``W_finetuned - W_base``. Params come
-        back in its library, device and dtype.
+        The ΔW to approximate, e.g. ``W_finetuned - W_base``: real floating
+        and finite. Params come back in its library, device and dtype;
+        float16/bfloat16 targets are fitted in float32. A target whose
+        squares would over- or underflow its dtype (above ~1e77 or below
+        ~1e-77 in float64) is fitted divided by a power of two, exactly. An
+        all-zero target gives ΔW = 0 (the 'zero' init) for a decomposition init.
     steps : int
         ALS sweeps or optimizer steps.
     method : {'als', 'adam'}
@@ -193,15 +226,12 @@ def fit(spec: Parametrization, target: Any, steps: int = 20, method: str = "als"
         raise TuckerPeftError(f"spec: expected a Parametrization, got {type(spec).__name__}")
     if tuple(getattr(target, "shape", ())) != spec.shape:
         raise TuckerPeftError(f"target: expected shape {fmt_shape(spec.shape)}, got {fmt_shape(getattr(target, 'shape', ()))}")
-    xp = namespace(target, what=("target",))
-    if not xp.isdtype(target.dtype, "real floating"):
-        raise TuckerPeftError(f"target: expected a real floating dtype, got {target.dtype}")
+    xp = check_tensor(target, "target")
     steps = check_int(steps, "steps", 0)
     if not isinstance(method, str) or method.lower() not in ("als", "adam"):
         raise TuckerPeftError(f"method: expected 'als' or 'adam', got {method!r}")
     method = method.lower()
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
-        raise TuckerPeftError(f"scale: expected a finite non-zero number, got {scale!r}")
+    scale = check_scale(scale, nonzero=True)
     if tol is not None and not (isinstance(tol, (int, float)) and tol >= 0):
         raise TuckerPeftError(f"tol: expected a number >= 0 or None, got {tol!r}")
     if method == "als" and isinstance(spec, CP) and spec.ndim < 2:
@@ -210,15 +240,40 @@ def fit(spec: Parametrization, target: Any, steps: int = 20, method: str = "als"
         raise TuckerPeftError(f"method: 'als' supports tucker, tucker2, cp and lora, got kind {spec.kind!r}; "
                               "use method='adam'")
     t0 = time.perf_counter()
-    scale = float(scale)
-    params = _init_params(spec, target, init, scale, seed, init_options)
+    # float16/bfloat16: LAPACK and the einsums need at least float32; params return in the target's dtype.
+    out_dtype = target.dtype
+    if xp.finfo(out_dtype).bits < 32:
+        target = xp.astype(target, xp.float32)
+        if isinstance(init, Mapping):
+            init = {k: xp.astype(v, xp.float32) for k, v in init.items()}
+    # A target whose squares over- or underflow is fitted divided by a power of two c;
+    # one param that ΔW is linear in is multiplied back by c.
+    c, amax = _rescaling(xp, target)
+    lin = _linear_param(spec) if c != 1 else ""
+    if c != 1:
+        target = target * (1 / c)
+        if isinstance(init, Mapping):
+            init = {k: (v * (1 / c) if k == lin else v) for k, v in init.items()}
+
+    def unscaled(p: Params) -> Params:
+        return p if c == 1 else {k: (v * c if k == lin else v) for k, v in p.items()}
+
+    cb = callback if callback is None or c == 1 else (lambda k, p, e: callback(k, unscaled(p), e))
+    params = _init_params(spec, target, init, scale, seed, init_options,
+                          zero_target=amax == 0)
     err = _Error(xp, spec, target, scale)
     if method == "als":
         sweep = {Tucker: _TuckerALS, CP: _CPALS, LoRA: _LoRAALS}
         cls = next(v for k, v in sweep.items() if isinstance(spec, k))
-        params, errors = _run(cls(xp, spec, target, scale, params), params, err, steps, tol, callback)
+        params, errors = _run(cls(xp, spec, target, scale, params), params, err, steps, tol, cb)
     else:
-        params, errors = _adam(xp, spec, target, scale, params, err, steps, lr, optimizer, tol, callback)
+        params, errors = _adam(xp, spec, target, scale, params, err, steps, lr, optimizer, tol, cb)
+    params = unscaled(params)
+    if out_dtype != target.dtype:
+        params = {k: xp.astype(v, out_dtype) for k, v in params.items()}
+    if (c != 1 or out_dtype != target.dtype) and not all(bool(xp.all(xp.isfinite(v))) for v in params.values()):
+        raise TuckerPeftError(f"target: the fitted params overflow {out_dtype}; fit a target of a wider dtype "
+                              "(e.g. float64) instead")
     rel = np.asarray(to_numpy(xp.stack(errors)), dtype=np.float64)
     return FitResult(spec, params, scale, method, rel, time.perf_counter() - t0)
 

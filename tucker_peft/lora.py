@@ -43,7 +43,7 @@ class LoRA(Parametrization):
     tensor_methods: ClassVar[frozenset[str]] = frozenset({"svd"})
 
     def __post_init__(self) -> None:
-        shape = check_shape(self.shape)
+        shape = check_shape(self.shape, self.max_modes)
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "rank", check_rank(self.rank, f"rank (LoRA of shape {shape})", 1, min(shape[0], self._k(shape))))
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from ._base import Parametrization, check_int, check_shape, lookup
+from ._base import Parametrization, check_int, check_shape, check_tensor, lookup
 from ._decomp import leading_left_singular
-from ._dispatch import namespace
 from ._errors import RankError, TuckerPeftError, fmt_shape
 
 __all__ = ["for_budget", "match", "by_energy"]
@@ -90,8 +89,13 @@ def by_energy(tensor: Any, energy: float | Sequence[float | None]) -> tuple[int 
         ``r_n`` is the smallest rank whose leading squared singular values of
         the mode-n unfolding sum to at least ``energy`` of the total; an
         all-zero tensor gets rank 1.
+
+    Raises
+    ------
+    TuckerPeftError
+        ``tensor`` is not real floating or holds NaN/Inf.
     """
-    xp = namespace(tensor, what=("tensor",))
+    xp = check_tensor(tensor)
     nd = tensor.ndim
     if isinstance(energy, (int, float)) and not isinstance(energy, bool):
         energies: list[float | None] = [float(energy)] * nd

@@ -67,7 +67,7 @@ class Tucker(Parametrization):
     tensor_methods: ClassVar[frozenset[str]] = frozenset({"hosvd", "hooi"})
 
     def __post_init__(self) -> None:
-        shape = check_shape(self.shape)
+        shape = check_shape(self.shape, self.max_modes)
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "ranks", _normalize_ranks(shape, self.ranks))
 
@@ -220,7 +220,7 @@ class Tucker2(Tucker):
     kind: ClassVar[str] = "tucker2"
 
     def __post_init__(self) -> None:
-        shape = check_shape(self.shape)
+        shape = check_shape(self.shape, self.max_modes)
         r = self.ranks
         lead = min(2, len(shape))
         if isinstance(r, (int, np.integer)) and not isinstance(r, bool):

@@ -25,7 +25,7 @@ import importlib
 import sys
 from typing import Any, NoReturn, Sequence
 
-__all__ = ["main", "build_parser", "UsageError", "SUBCOMMANDS", "PROG"]
+__all__ = ["main", "build_parser", "UsageError", "SUBCOMMANDS", "PROG", "printable"]
 
 PROG = "tucker-peft"
 
@@ -48,8 +48,19 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def printable(text: object) -> str:
+    """``text`` safe for a terminal: control characters (ANSI escapes, newlines...) as ``\\x1b``-style escapes.
+
+    Every tensor name or other string read from a file goes through this before it is printed.
+    """
+    t = str(text)
+    if t.isprintable():
+        return t
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in t)
+
+
 def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+    return printable(" ".join(str(text).split()))
 
 
 def build_parser() -> ArgumentParser:
@@ -96,3 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TuckerPeftError, OSError, MemoryError) as exc:
         what = "out of memory" if isinstance(exc, MemoryError) else str(exc) or type(exc).__name__
         return _fail(what, 1)
+    except Exception as exc:
+        # safetensors reports its I/O failures (a full disk...) as its own SafetensorError.
+        if type(exc).__module__.split(".", 1)[0] == "safetensors":
+            return _fail(f"safetensors: {exc}", 1)
+        raise

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
@@ -47,9 +48,10 @@ _NUMPY_DTYPES: dict[str, str] = {
     "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
     "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
 }
-#: Bytes per element of every dtype code we know.
-_ITEMSIZE: dict[str, int] = {**{k: np.dtype(v).itemsize for k, v in _NUMPY_DTYPES.items()},
-                             "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+#: Bits per element of every safetensors dtype code.
+_BITS: dict[str, int] = {**{k: 8 * np.dtype(v).itemsize for k, v in _NUMPY_DTYPES.items()},
+                         "BF16": 16, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "C64": 64,
+                         "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4}
 #: Floating dtype codes (candidates for adaptation).
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
@@ -83,45 +85,92 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
-def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse a safetensors header: ``({name: TensorInfo}, metadata)``; reads nothing else."""
+def _regular_file(path: str, what: str = "a safetensors file") -> int:
+    """The size of ``path`` after checking it is a regular file (a FIFO or device would block or never end)."""
     try:
-        size = os.path.getsize(path)
+        st = os.stat(path)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file")
+        raise CheckpointError(f"{path}: expected {what} (a regular file), got {kind}")
+    return st.st_size
+
+
+def _json(raw: bytes | str, path: str, what: str) -> Any:
+    """Parse JSON from a file; malformed or absurdly nested JSON is a :class:`CheckpointError`."""
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: expected {what}, got text that is not JSON") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: expected {what}, got JSON nested too deeply") from None
+
+
+def _int(v: Any) -> int | None:
+    """``v`` if it is a JSON integer (not a bool or float), else None."""
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse a safetensors header: ``({name: TensorInfo}, metadata)``; reads nothing else.
+
+    Every entry is checked against the format: a known dtype code, a shape of
+    ints >= 0, two int data offsets inside the data, and a byte length equal
+    to the shape's size in that dtype; ``__metadata__`` is a str -> str map.
+    """
+    size = _regular_file(path)
+    expected = "a safetensors file (an 8-byte little-endian header length, then a JSON header)"
+    try:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError(f"{path}: expected a safetensors file, got {size} bytes (too short)")
+                raise CheckpointError(f"{path}: expected {expected}, got {size} bytes (too short)")
             n = int.from_bytes(head, "little")
             if n > min(_MAX_HEADER, size - 8):
-                raise CheckpointError(f"{path}: expected a safetensors file, got a header length of {n} bytes "
-                                      f"in a file of {size} bytes")
+                # The number is made of the file's first bytes: not echoed (it could be any file).
+                raise CheckpointError(f"{path}: expected {expected}, got a header length beyond the file's "
+                                      f"{size} bytes or safetensors' 100 MiB limit")
             raw = f.read(n)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    try:
-        header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise CheckpointError(f"{path}: expected a safetensors file, got a header that is not JSON") from None
+    header = _json(raw, path, expected)
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: expected a safetensors header object, got {type(header).__name__}")
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: expected '__metadata__' to map strings to strings, "
+                              f"got {type(meta).__name__ if not isinstance(meta, dict) else 'other values'}")
     base, data_len = 8 + n, size - 8 - n
     out: dict[str, TensorInfo] = {}
     for name, entry in header.items():
-        try:
-            dtype, shape, (b, e) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-            b, e = int(b), int(e)
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name!r}: expected dtype, shape and data_offsets, got {entry!r}") from None
-        if not 0 <= b <= e <= data_len or any(d < 0 for d in shape):
-            raise CheckpointError(f"{path}: tensor {name!r}: data_offsets {[b, e]} or shape {list(shape)} do not fit "
-                                  f"the {data_len} data bytes")
-        item = _ITEMSIZE.get(dtype)
-        if item is not None and math.prod(shape) * item != e - b:
-            raise CheckpointError(f"{path}: tensor {name!r}: {dtype} of shape {fmt_shape(shape)} needs "
-                                  f"{math.prod(shape) * item} bytes, the header gives {e - b}")
-        out[name] = TensorInfo(name, path, str(dtype), shape, base + b, base + e)
-    return out, {str(k): str(v) for k, v in meta.items()}
+        what = f"{path}: tensor {name!r}"
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise CheckpointError(f"{what}: expected an object with dtype, shape and data_offsets, "
+                                  f"got {type(entry).__name__}")
+        dtype, shape_in, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _BITS:
+            raise CheckpointError(f"{what}: expected a dtype among {', '.join(sorted(_BITS))}, "
+                                  f"got {str(dtype)[:40]!r}")
+        dims = [_int(d) for d in shape_in] if isinstance(shape_in, list) else [None]
+        if any(d is None or d < 0 for d in dims):
+            raise CheckpointError(f"{what}: expected a shape of ints >= 0, got {str(shape_in)[:80]}")
+        shape = tuple(d for d in dims if d is not None)
+        be = [_int(o) for o in offsets] if isinstance(offsets, list) and len(offsets) == 2 else [None]
+        if any(o is None for o in be):
+            raise CheckpointError(f"{what}: expected data_offsets [begin, end] of two ints, got {str(offsets)[:80]}")
+        b, e = be  # type: ignore[misc]
+        if not 0 <= b <= e <= data_len:
+            raise CheckpointError(f"{what}: data_offsets {[b, e]} do not fit the {data_len} data bytes")
+        need = -(-math.prod(shape) * _BITS[dtype] // 8)
+        if need != e - b:
+            raise CheckpointError(f"{what}: {dtype} of shape {fmt_shape(shape)} needs {need} bytes, "
+                                  f"the header gives {e - b}")
+        out[name] = TensorInfo(name, path, dtype, shape, base + b, base + e)
+    return out, dict(meta)
 
 
 class Checkpoint:
@@ -222,27 +271,48 @@ def _read_with_torch(t: TensorInfo) -> np.ndarray:
                               f"({type(exc).__name__}: {exc})") from None
 
 
+#: Largest index file read (a real one is a few MB at most).
+_MAX_INDEX = 256 * 2**20
+
+
+def _shard_path(index_path: str, roots: tuple[str, ...], name: str, shard: Any) -> str:
+    """The shard file of ``weight_map[name]``, resolved (symlinks followed) inside one of ``roots``, or refused."""
+    if not isinstance(shard, str) or not shard:
+        raise CheckpointError(f"{index_path}: weight_map[{name!r}]: expected a shard file name, got {str(shard)[:80]!r}")
+    if os.path.isabs(shard):
+        raise CheckpointError(f"{index_path}: weight_map[{name!r}]: expected a shard file inside the checkpoint "
+                              f"folder, got the absolute path {shard!r}")
+    real = os.path.realpath(os.path.join(roots[0], shard))
+    if not any(os.path.commonpath([real, root]) == root for root in roots):
+        raise CheckpointError(f"{index_path}: weight_map[{name!r}]: expected a shard file inside the checkpoint "
+                              f"folder {roots[0]}, got {shard!r}, which resolves outside it")
+    return real
+
+
 def _open_index(path: str) -> Checkpoint:
+    size = _regular_file(path, "a sharded-checkpoint index (JSON)")
+    if size > _MAX_INDEX:
+        raise CheckpointError(f"{path}: expected a sharded-checkpoint index of at most {_MAX_INDEX >> 20} MiB, "
+                              f"got {size} bytes")
     try:
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    except ValueError:
-        raise CheckpointError(f"{path}: expected a JSON index of a sharded checkpoint, got invalid JSON") from None
+    index = _json(raw, path, "a JSON index of a sharded checkpoint")
     wmap = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(wmap, dict) or not wmap:
         raise CheckpointError(f"{path}: expected a sharded-checkpoint index with a non-empty 'weight_map' "
                               "(tensor name -> shard file)")
-    folder = os.path.dirname(os.path.abspath(path))
+    # Shards resolve inside the index's folder, or inside the folder the index itself links to
+    # (the Hugging Face cache links both the index and the shards into blobs/).
+    roots = (os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.dirname(os.path.realpath(path)))
     headers: dict[str, dict[str, TensorInfo]] = {}
     tensors: dict[str, TensorInfo] = {}
     for name, shard in wmap.items():
-        if not isinstance(shard, str):
-            raise CheckpointError(f"{path}: weight_map[{name!r}]: expected a shard file name, got {shard!r}")
-        file = os.path.join(folder, shard)
+        file = _shard_path(path, roots, name, shard)
         if file not in headers:
-            if not os.path.isfile(file):
+            if not os.path.exists(file):
                 raise CheckpointError(f"{path}: shard {shard!r} (of tensor {name!r}) does not exist")
             headers[file] = read_header(file)[0]
         info = headers[file].get(name)

@@ -246,6 +246,8 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
     cfg["lrs"] = {k: cfg["lrs"][k] for k in cfg["kinds"]}
     if cfg["batch_size"] > _train_size(cfg):
         raise UsageError(f"--batch-size {cfg['batch_size']} exceeds the {_train_size(cfg)} training samples")
+    if args.threads > (cores := len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1):
+        raise UsageError(f"--threads: expected at most the {cores} cores available, got {args.threads}")
     cfg["threads"] = args.threads
     return cfg
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import UsageError
+from . import UsageError, printable
 from ._ranks import (
     KINDS,
     RULE_HELP,
@@ -39,6 +39,7 @@ from ._ranks import (
     energy_arg,
     kind_name,
     match_arg,
+    nonneg_int,
     open_source,
     pct,
     positive_int,
@@ -123,7 +124,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="dtype of the saved params (default float32)")
     p.add_argument("--compute-dtype", choices=("auto", "float64", "float32"), default="auto",
                    help=f"dtype of dW and the fit (auto: float64 up to {AUTO_FLOAT64_MAX_NUMEL:,} elements, else float32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random parts (CP-ALS start); default 0")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the random parts (CP-ALS start), an int >= 0; default 0")
     p.add_argument("--force", action="store_true", help="replace ADAPTER_DIR if it exists and is not empty")
     add_quiet_arg(p)
 
@@ -367,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
     common, problems = _pair_up(base, tuned, args)
     if not common:
         raise TuckerPeftError(f"no adaptable tensor is in both BASE and TUNED with the same shape "
-                              f"({len(problems)} mismatched; rule: ndim >= 2, floating, name matching "
+                              f"({len(problems)} mismatched; rule: 2 <= ndim <= 12, floating, name matching "
                               f"{args.include.pattern!r})")
 
     t_start = time.perf_counter()
@@ -454,9 +455,9 @@ def run(args: argparse.Namespace) -> int:
         (REPORT_FILE, write_json(report)),
     ], args.force)
 
-    print(f"extracted {len(ok)} of {len(common)} tensors"
+    print(printable(f"extracted {len(ok)} of {len(common)} tensors"
           + (f" (skipped: {skipped})" if skipped else "")
           + f"; {n_params:,} params = {pct(n_params, numel_ok)} of their {numel_ok:,} weights"
           + f"; rel err {_fmt_err(overall)} overall, max {_fmt_err(summary['max_rel_error'])} ({summary['max_rel_error_tensor']})"
-          + f"; {elapsed:.1f} s -> {args.output}")
+          + f"; {elapsed:.1f} s -> {args.output}"))
     return 0

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
-from . import UsageError
+from . import UsageError, printable
 
 NAME = "ranks"
 HELP = "per tensor: the ranks and parameter count of each kind at one budget"
@@ -26,7 +26,7 @@ KINDS = ("tucker", "tucker2", "cp", "lora")
 DEFAULT_INCLUDE = r"weight$"
 
 SELECTION_RULE = f"""\
-Adaptable tensors: floating point, at least 2 dimensions (none of size 0), and
+Adaptable tensors: floating point, 2 to 12 dimensions (none of size 0), and
 a name matching --include (a Python regex searched anywhere in the name;
 default {DEFAULT_INCLUDE!r}: names ending in 'weight') and not matching
 --exclude. That takes linear weights (out, in), embeddings (vocab, dim) and
@@ -71,6 +71,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return v
+
+
+def nonneg_int(text: str) -> int:
+    """An int >= 0 (a seed)."""
+    try:
+        v = int(text.strip(), 10)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
     return v
 
 
@@ -248,10 +259,14 @@ def spec_for(kind: str, shape: tuple[int, ...], rule: Rule, tensor: Any = None) 
 def not_adaptable(name: str, shape: Sequence[int], dtype: str, include: re.Pattern[str],
                   exclude: re.Pattern[str] | None) -> str | None:
     """Why a tensor is not adaptable, or None when it is."""
+    from tucker_peft._base import MAX_MODES
+
     from ._checkpoint import FLOAT_DTYPES
 
     if len(shape) < 2:
         return f"ndim {len(shape)} < 2"
+    if len(shape) > MAX_MODES:
+        return f"ndim {len(shape)} > {MAX_MODES}, the most modes a spec takes by default"
     if 0 in tuple(shape):
         return "has a dimension of size 0"
     if dtype not in FLOAT_DTYPES:
@@ -309,7 +324,7 @@ def spec_json(spec: Any) -> dict[str, Any]:
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], right: Iterable[int] = ()) -> list[str]:
     """Aligned text lines: header, rule, rows (columns in ``right`` right-aligned)."""
-    body = [[str(c) for c in r] for r in rows]
+    body = [[printable(c) for c in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in body if i < len(r)]) for i, h in enumerate(headers)]
     rset = set(right)
 
@@ -338,7 +353,7 @@ class Progress:
     def __iter__(self) -> Iterator[Any]:
         for item in self.items:
             if self.bar is not None:
-                self.bar.set_postfix_str(str(item)[-40:], refresh=False)
+                self.bar.set_postfix_str(printable(item)[-40:], refresh=False)
             yield item
             if self.bar is not None:
                 self.bar.update(1)
@@ -352,6 +367,7 @@ class Progress:
     def note(self, msg: str) -> None:
         if self.quiet:
             return
+        msg = printable(msg)
         if self.bar is not None:
             self.bar.write(msg, file=sys.stderr)
         else:
@@ -405,7 +421,7 @@ def run(args: argparse.Namespace) -> int:
     names, other = select(ck, args.include, args.exclude)
     if not names:
         raise TuckerPeftError(f"{args.model}: no adaptable tensors among its {len(ck)} "
-                              f"(rule: ndim >= 2, floating, name matching {args.include.pattern!r}"
+                              f"(rule: 2 <= ndim <= 12, floating, name matching {args.include.pattern!r}"
                               + (f", not {args.exclude.pattern!r}" if args.exclude else "") + ")")
     rows = plan(ck, names, args.kinds, rule, Progress(names, "ranks", args.quiet))
     total_numel = sum(r["numel"] for r in rows)
@@ -444,9 +460,9 @@ def run(args: argparse.Namespace) -> int:
         for k in args.kinds:
             s = r["specs"][k]
             if s["spec"] is None:
-                print(f"- {r['name']} {k}: {s['reason']}")
+                print(printable(f"- {r['name']} {k}: {s['reason']}"))
     share = ", ".join(f"{k} {totals[k]:,} ({pct(totals[k], total_numel)})" for k in args.kinds)
-    print(f"{len(rows)} of {len(ck)} tensors adaptable ({len(other)} not: ndim < 2, not floating, or name not "
+    print(f"{len(rows)} of {len(ck)} tensors adaptable ({len(other)} not: ndim < 2 or > 12, not floating, or name not "
           f"matching {args.include.pattern!r}{' or matching ' + repr(args.exclude.pattern) if args.exclude else ''}); "
           f"{rule.describe()}; '*' = mode unfactorised. Totals: {share} of {total_numel:,} weights.")
     return 0

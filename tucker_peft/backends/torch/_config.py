@@ -282,7 +282,7 @@ def _spec_for_ranks(kind: str, shape: tuple[int, ...], r: Any) -> Parametrizatio
         return cls(shape, min(r, max_cp_rank(shape)))
     if cls is LoRA or (isinstance(cls, type) and issubclass(cls, LoRA)):
         return cls(shape, min(r, shape[0], math.prod(shape[1:])))
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "shape"] if dataclasses.is_dataclass(cls) else []
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "shape" and not f.kw_only] if dataclasses.is_dataclass(cls) else []
     if len(names) != 1:
         raise RankError(f"kind {kind!r}: cannot tell which field takes the rank; use budget= instead")
     return cls(shape, **{names[0]: r})
