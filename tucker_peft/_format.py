@@ -99,7 +99,7 @@ def _alive(host: str, pid: int) -> bool:
     if host != socket.gethostname():
         return True  # unknown; the age rule decides
     if pid == os.getpid():
-        return False  # our own leftover (a write in this process is never left in flight)
+        return True  # another thread's write in flight (a failed write of ours removes its own file)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

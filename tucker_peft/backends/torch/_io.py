@@ -214,6 +214,7 @@ class _Snapshot:
         self.grad = [(p, p.requires_grad) for p in model.parameters()]
         self.values = [(t, t.detach().clone()) for t in touched]
         self.active = [(h, _active_state(h)) for _, h in adapted_layers(model)]
+        self.hooks = {id(h) for h, _ in self.active}
 
     def restore(self, name: str) -> None:
         if name in adapter_names(self.model) and name not in self.names:
@@ -221,6 +222,9 @@ class _Snapshot:
                 delete_adapter(self.model, name)
             except Exception:  # pragma: no cover - best effort; the values below are restored anyway
                 pass
+        for path, h in list(adapted_layers(self.model)):  # a wrapper created before the failure, still empty
+            if id(h) not in self.hooks and not len(h.adapters):
+                _model._remove_hook(self.model, path, h)
         with torch.no_grad():
             for t, v in self.values:
                 t.copy_(v)
