@@ -14,6 +14,7 @@ from ..._errors import TuckerPeftError
 from ...cp import CP
 from ...lora import LoRA
 from ...tucker import Tucker
+from ._keys import base_keys_on_load, base_keys_on_save
 from ._ops import FusedDelta, Geometry, contract, factorized, stage_costs
 
 __all__ = ["DeltaWeight", "AdaptedLayer", "DeltaParametrization", "SUPPORTED"]
@@ -178,6 +179,9 @@ class AdaptedLayer(nn.Module):
         self.active_adapter: str | None = None
         self.merged: str | None = None
         self.layer_name = name
+        # state_dict keeps the plain layer's keys ('q.weight', not 'q.base_layer.weight'): see _keys.py.
+        self.register_state_dict_post_hook(base_keys_on_save)
+        self.register_load_state_dict_pre_hook(base_keys_on_load)
         self.geometry = _geometry(base)
         self._prepad = None
         if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and self.geometry.padding == (0,) * self.geometry.nd \
