@@ -141,3 +141,40 @@ def test_state_dict_round_trip_and_merge(setup):
     set_adapter(fresh, names[-1])
     torch.testing.assert_close(_logits(fresh, batch), _logits(m, batch))
     unmerge(m)
+
+
+class _Experts(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = nn.Parameter(torch.randn(4, 8, 6))  # stacked experts: a bare 3-D parameter
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(torch.einsum("bi,eio->bo", x, self.w))
+
+
+@pytest.mark.parametrize("init", ["zero", "hosvd"])
+def test_parametrized_parameter_keeps_its_plain_key(init):
+    base = nn.Sequential(_Experts())
+    m = copy.deepcopy(base)
+    inject(m, AdapterConfig(kind="tucker", ranks=2, target_parameters=["0.w"], init=init))
+    with torch.no_grad():
+        for _, h in adapted_layers(m):
+            for p in h.adapters["default"].params.values():
+                p.add_(0.1)
+    sd = m.state_dict()
+    assert "0.w" in sd and not any("parametrizations" in k and k.endswith("original") for k in sd)
+    exact = dict(rtol=0, atol=0) if init == "zero" else {}
+    torch.testing.assert_close(sd["0.w"], base.state_dict()["0.w"], **exact)
+    plain = copy.deepcopy(base)
+    with torch.no_grad():
+        plain[0].w.zero_()
+    res = plain.load_state_dict(sd, strict=False)  # a plain model takes the base value, ignores the adapter
+    assert not res.missing_keys and all(".adapters." in k for k in res.unexpected_keys)
+    torch.testing.assert_close(plain[0].w, base[0].w, **exact)
+    other = copy.deepcopy(base)
+    inject(other, AdapterConfig(kind="tucker", ranks=2, target_parameters=["0.w"], init=init))
+    other.load_state_dict(sd, strict=True)
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(other(x), m(x))

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["base_keys_on_save", "base_keys_on_load"]
+__all__ = ["base_keys_on_save", "base_keys_on_load", "attach_owner_hooks"]
 
 _BASE = "base_layer."
 _OWN = ("adapters.", _BASE)
@@ -98,3 +98,41 @@ def base_keys_on_load(layer: Any, state_dict: dict[str, Any], prefix: str, local
         if rest == "weight":
             v = _shift(v, _offset(layer, state_dict, prefix), -1.0)
         state_dict[prefix + _BASE + rest] = v
+
+
+# -- parametrized parameters (target_parameters): 'parametrizations.W.original' → 'W' -------------
+
+_MARK = "_tucker_peft_key_hooks"
+
+
+def _delta_parametrizations(mod: Any) -> list[tuple[str, Any]]:
+    """``(attr, DeltaParametrization)`` for each parameter of ``mod`` whose only parametrization is ours."""
+    plists = getattr(mod, "parametrizations", None)
+    if plists is None:
+        return []
+    return [(attr, pl[0]) for attr, pl in plists.items() if len(pl) == 1 and hasattr(pl[0], "adapters")]
+
+
+def _owner_on_save(mod: Any, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for attr, hook in _delta_parametrizations(mod):
+        key = f"{prefix}parametrizations.{attr}.original"
+        if key in state_dict:
+            off = _offset(hook, state_dict, f"{prefix}parametrizations.{attr}.0.")
+            state_dict[prefix + attr] = _shift(state_dict.pop(key), off, 1.0)
+
+
+def _owner_on_load(mod: Any, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+                   missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+    for attr, hook in _delta_parametrizations(mod):
+        key = f"{prefix}parametrizations.{attr}.original"
+        if prefix + attr in state_dict and key not in state_dict:
+            off = _offset(hook, state_dict, f"{prefix}parametrizations.{attr}.0.")
+            state_dict[key] = _shift(state_dict.pop(prefix + attr), off, -1.0)
+
+
+def attach_owner_hooks(mod: Any) -> None:
+    """Give a module with a ``DeltaParametrization`` the plain parameter keys (once; inert once it has none)."""
+    if not getattr(mod, _MARK, False):
+        mod.register_state_dict_post_hook(_owner_on_save)
+        mod.register_load_state_dict_pre_hook(_owner_on_load)
+        setattr(mod, _MARK, True)
