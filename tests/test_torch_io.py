@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import pytest
 
 torch = pytest.importorskip("torch")
-from safetensors.torch import load as st_load  # noqa: E402
 from safetensors.torch import save as st_save  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -246,14 +243,23 @@ _CHILD = textwrap.dedent('''
     print("ready", flush=True)
     if mode == "kill":
         rng = random.Random(n)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            save_adapter(A, os.path.join(d, "scratch"))
+        t_save = (time.perf_counter() - t0) / 3  # kills land within the first few saves, however slow the machine
         for i in range(n):
+            r, w = os.pipe()
             pid = os.fork()
             if pid == 0:  # the saver: B over A, A over B, ... until killed
+                os.write(w, b"x")
                 k = 0
                 while True:
                     save_adapter(B if k % 2 == 0 else A, target)
                     k += 1
-            time.sleep(rng.uniform(0.0, 0.02))
+            os.read(r, 1)
+            os.close(r)
+            os.close(w)
+            time.sleep(rng.uniform(0.0, 3 * t_save))
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             print("killed", flush=True)
@@ -312,7 +318,7 @@ def test_killed_saves_leave_the_old_or_the_new_adapter(tmp_path):
             child.kill()
     print(f"kill test: {n} kills -> {seen}, {temps} left a temporary file")
     assert seen["neither"] == 0 and seen["A"] + seen["B"] == n
-    assert seen["A"] and seen["B"]  # kills landed on both directions of the overwrite
+    assert seen["A"] and seen["B"] and temps  # kills landed mid-write, in both directions of the overwrite
     save_adapter(load_adapter(_tiny(), tmp_path / "ad"), tmp_path / "ad")  # the next save cleans up
     assert os.listdir(tmp_path / "ad") == [_format.ADAPTER_FILE]
 
@@ -329,7 +335,7 @@ def test_loads_during_concurrent_saves_are_always_one_whole_adapter(tmp_path):
         child.wait(timeout=30)
     print(f"concurrent reads: {sum(seen.values())} loads during {saves} saves -> {seen}")
     assert seen["neither"] == 0
-    assert seen["A"] and seen["B"] and saves > 10
+    assert seen["A"] and seen["B"] and saves >= 2
 
 
 def test_extract_output_loads_with_load_adapter(tmp_path, capsys):

@@ -335,6 +335,8 @@ def write_adapter(directory: str | os.PathLike, tensors: Mapping[str, Any], conf
     checked) is removed afterwards, so that only one adapter is there.
     """
     d = os.fspath(directory)
+    if os.path.lexists(d) and not os.path.isdir(d):
+        raise _error(f"path: expected a directory for the adapter, got {d!r}, which is a file")
     os.makedirs(d, exist_ok=True)
     payload = _serialize(tensors, {"format": FORMAT, "config": json.dumps(dict(config), allow_nan=False)})
     target = os.path.join(d, ADAPTER_FILE)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -179,7 +179,7 @@ def _check_tensor(key: str, t: torch.Tensor, shape: tuple[int, ...], allow_nonfi
     return True
 
 
-def _layer_entry(p: str, entry: Mapping[str, Any]) -> tuple[Any, float, bool]:
+def _layer_entry(entry: Mapping[str, Any]) -> tuple[Any, float, bool]:
     spec_d = entry.get("spec")
     if not isinstance(spec_d, dict):
         raise StateDictError(f"'spec': expected an object, got {type(spec_d).__name__}")
@@ -296,7 +296,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     sharded = False
     for p, entry in meta["layers"].items():
         try:
-            spec, scale, has_init = _layer_entry(p, entry)
+            spec, scale, has_init = _layer_entry(entry)
         except StateDictError as exc:
             problems.append(f"{p}: bad layer entry ({exc})")
             continue
