@@ -331,8 +331,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
             touched.append(w)
         module_path = p.rsplit(".", 1)[0] if "." in p else ""
         targets.append(Target(p, module_path, attr, type(mod).__name__, spec, scale, params, init if has_init else None))
+    if not meta["layers"]:
+        problems.append("the file adapts no layer ('layers' is empty)")
     base = {k: v for k, v in tensors.items() if k.startswith("base::")}
-    allowed = extra_trainable(model, config.trainable) if base else {}
+    try:
+        allowed = extra_trainable(model, config.trainable) if base else {}
+    except TuckerPeftError as exc:
+        allowed = {}
+        problems.append(f"trainable={config.trainable!r}: {exc}")
     listed = set(meta.get("trainable") or [])
     for k, t in base.items():
         used.add(k)
