@@ -157,6 +157,12 @@ def _case(name, tmp_path, cfg, tensors):
         dt = {"int64": torch.int64, "bool": torch.bool, "complex": torch.complex64}[name]
         t["2.weight::core"] = t["2.weight::core"].to(dt)
         return _write(d, t, c), f"2.weight::core: expected a floating-point tensor, got {str(dt)[6:]}"
+    if name == "legacy_base_frozen":  # the version-1 pair gets the same checks
+        t["base::2.weight"] = torch.zeros(6, 6, 3, 3)
+        os.makedirs(d)
+        (d / "adapter_config.json").write_text(json.dumps({"format": _format.LEGACY_FORMAT, **c}))
+        (d / "adapter_model.safetensors").write_bytes(st_save(t, metadata={"format": _format.LEGACY_FORMAT}))
+        return str(d), "base::2.weight: refused"
     if name == "empty_layers":
         c["layers"] = {}
         return _write(d, {"base::5.bias": t["base::5.bias"]}, c), "adapts no layer"
@@ -183,7 +189,7 @@ def _case(name, tmp_path, cfg, tensors):
 
 
 CASES = ["base_frozen", "base_listed_not_trainable", "base_dtype", "base_shape", "base_nan", "weight_inf",
-         "scale_nan", "scale_inf", "scale_zero", "scale_bool", "scale_str", "int64", "bool", "complex", "unexpected", "empty_layers",
+         "scale_nan", "scale_inf", "scale_zero", "scale_bool", "scale_str", "int64", "bool", "complex", "unexpected", "empty_layers", "legacy_base_frozen",
          "config_list", "config_str", "config_int", "config_deep", "config_inner_list", "config_layers_str",
          "config_spec_deep", "truncated", "path_none", "path_int", "path_bytes", "fault_after_validation"]
 
