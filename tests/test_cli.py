@@ -221,11 +221,10 @@ def test_ranks_resolves_model_names_through_the_registry(tmp_path, capsys, monke
 def _load_adapter(out_dir):
     from safetensors import safe_open
 
-    with open(os.path.join(out_dir, "adapter_config.json")) as f:
-        config = json.load(f)
-    with safe_open(os.path.join(out_dir, "adapter_model.safetensors"), framework="numpy") as f:
+    with safe_open(os.path.join(out_dir, "tucker_peft_adapter.safetensors"), framework="numpy") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(meta.pop("config"))
     with open(os.path.join(out_dir, "extract_report.json")) as f:
         report = json.load(f)
     return config, meta, tensors, report
@@ -238,8 +237,7 @@ def test_extract_writes_the_adapter_format_and_is_exact(tmp_path, capsys, kind):
     rc, out, err = _run(capsys, "extract", bpath, tpath, "--kind", kind, "--match", "lora:2", "-o", out_dir)
     assert rc == 0, err
     config, meta, tensors, report = _load_adapter(out_dir)
-    assert meta == {"format": "tucker_peft.torch_adapter/1"}
-    assert config["format"] == "tucker_peft.torch_adapter/1"
+    assert meta == {"format": "tucker_peft.model_adapter/2"}
     assert config["library_version"] == tp.__version__ and config["adapter_name"] == "default"
     assert config["config"] == {"kind": kind, "alpha": 1.0, "target_modules": None, "init": "zero",
                                 "forward": "auto", "dropout": 0.0}
@@ -352,10 +350,14 @@ def test_extract_refuses_a_non_empty_dir_unless_forced(tmp_path, capsys):
     (out_dir / "old.txt").write_text("x")
     rc, out, err = _run(capsys, "extract", bpath, tpath, "--kind", "lora", "--budget", 200, "-o", out_dir)
     assert rc == 2 and err.count("\n") == 1 and "--force" in err and out == ""
+    # --force replaces only a tucker-peft adapter: a directory without one is left alone.
     rc, out, err = _run(capsys, "extract", bpath, tpath, "--kind", "lora", "--budget", 200, "-o", out_dir, "--force")
+    assert rc == 2 and err.count("\n") == 1 and "holds none" in err and out == ""
+    assert sorted(os.listdir(out_dir)) == ["old.txt"]
+    rc, out, err = _run(capsys, "extract", bpath, tpath, "--kind", "lora", "--budget", 200, "-o", tmp_path / "new")
     assert rc == 0, err
-    assert sorted(os.listdir(out_dir)) == ["adapter_config.json", "adapter_model.safetensors", "extract_report.json"]
-    assert sorted(os.listdir(tmp_path)) == ["ad", "base.safetensors", "tuned.safetensors"]  # no temp dirs left
+    assert sorted(os.listdir(tmp_path / "new")) == ["extract_report.json", "tucker_peft_adapter.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["ad", "base.safetensors", "new", "tuned.safetensors"]  # no temp files
 
 
 def test_extract_failure_leaves_no_output(tmp_path, capsys, monkeypatch):
@@ -366,7 +368,7 @@ def test_extract_failure_leaves_no_output(tmp_path, capsys, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", boom)
+    monkeypatch.setattr(safetensors.numpy, "save", boom)
     rc, out, err = _run(capsys, "extract", bpath, tpath, "--kind", "lora", "--budget", 200, "-o", tmp_path / "ad", "-q")
     assert rc == 1 and err == "tucker-peft: error: disk full\n"
     assert sorted(os.listdir(tmp_path)) == ["base.safetensors", "tuned.safetensors"]
@@ -415,7 +417,7 @@ def test_python_m_help_and_subcommand_help():
     r = _py("-m", "tucker_peft.cli", "--help")
     assert r.returncode == 0 and "ranks" in r.stdout and "extract" in r.stdout, r.stderr
     r = _py("-m", "tucker_peft.cli", "extract", "--help")
-    assert r.returncode == 0 and "--energy" in r.stdout and "adapter_config.json" in r.stdout, r.stderr
+    assert r.returncode == 0 and "--energy" in r.stdout and "tucker_peft_adapter.safetensors" in r.stdout, r.stderr
 
 
 def test_entry_point_and_no_torch_import(tmp_path):
@@ -587,7 +589,13 @@ def test_full_disk_is_one_line_exit_1(tmp_path, capsys, monkeypatch, error):
         # What safetensors itself raises on ENOSPC.
         raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", full)
+    from tucker_peft import _format
+
+    # ENOSPC surfaces at write/fsync time in the one atomic writer; safetensors' own error at serialisation.
+    if error == "oserror":
+        monkeypatch.setattr(_format.os, "fsync", full)
+    else:
+        monkeypatch.setattr(_format, "_serialize", full)
     err = _one_line_error(*_run(capsys, "extract", bpath, tpath, "--kind", "lora", "--budget", 200,
                                 "-o", tmp_path / "ad", "-q"), 1)
     assert "No space left on device" in err
@@ -613,3 +621,65 @@ def test_tensors_with_more_modes_than_the_cap_are_skipped_quickly(tmp_path, caps
     rc, out, err = _run(capsys, "ranks", tmp_path / "b.safetensors", "--budget", 100, "--json")
     skipped = {r["name"]: r["reason"] for r in json.loads(out)["not_adaptable"]}
     assert "ndim 20 > 12" in skipped["deep.weight"]
+
+
+# -- --force and -o safety (issue 10 §4: never delete what extract did not write) ------------------
+
+def _extract(capsys, bpath, tpath, out, *extra):
+    return _run(capsys, "extract", bpath, tpath, "--kind", "lora", "--budget", 200, "-o", out, "-q", *extra)
+
+
+def test_extract_force_replaces_only_its_own_files(tmp_path, capsys):
+    from tucker_peft import _format
+
+    bpath, tpath, _, _ = _pair(tmp_path, "lora", sharded=False)
+    out_dir = tmp_path / "ad"
+    assert _extract(capsys, bpath, tpath, out_dir)[0] == 0
+    first = (out_dir / _format.ADAPTER_FILE).read_bytes()
+    (out_dir / "notes.txt").write_text("mine")
+    os.makedirs(out_dir / "sub")
+    rc, out, err = _run(capsys, "extract", bpath, tpath, "--kind", "lora", "--budget", 100, "-o", out_dir, "-q",
+                        "--force")
+    assert rc == 0, err
+    assert sorted(os.listdir(out_dir)) == ["extract_report.json", "notes.txt", "sub", _format.ADAPTER_FILE]
+    assert (out_dir / "notes.txt").read_text() == "mine"
+    assert (out_dir / _format.ADAPTER_FILE).read_bytes() != first  # replaced (a smaller budget)
+    # A version-1 adapter directory is recognised too; its pair is replaced by the new file.
+    legacy = tmp_path / "legacy"
+    os.makedirs(legacy)
+    (legacy / "adapter_config.json").write_text(json.dumps({"format": _format.LEGACY_FORMAT, "layers": {}}))
+    (legacy / "adapter_model.safetensors").write_bytes(b"old")
+    (legacy / "keep.txt").write_text("k")
+    rc, out, err = _extract(capsys, bpath, tpath, legacy, "--force")
+    assert rc == 0, err
+    assert sorted(os.listdir(legacy)) == ["extract_report.json", "keep.txt", _format.ADAPTER_FILE]
+    # A PEFT adapter's adapter_config.json is not a tucker-peft marker.
+    peft_dir = tmp_path / "peft"
+    os.makedirs(peft_dir)
+    (peft_dir / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    rc, out, err = _extract(capsys, bpath, tpath, peft_dir, "--force")
+    assert rc == 2 and "holds none" in err and os.listdir(peft_dir) == ["adapter_config.json"]
+
+
+def test_extract_never_writes_into_or_around_an_input(tmp_path, capsys, monkeypatch):
+    bpath, tpath, _, _ = _pair(tmp_path, "lora", sharded=True)  # TUNED is a directory of shards
+    before = {p: open(os.path.join(dp, p), "rb").read() for dp, _, fs in os.walk(tmp_path) for p in fs}
+    for out in (tmp_path / "tuned", tmp_path / "tuned" / "inner", tmp_path):
+        for extra in ((), ("--force",)):
+            rc, out_, err = _extract(capsys, bpath, tpath, out, *extra)
+            assert rc == 2 and err.count("\n") == 1 and "input checkpoint" in err, (out, err)
+    monkeypatch.chdir(tmp_path)
+    rc, out_, err = _extract(capsys, bpath, tpath, ".", "--force")
+    assert rc == 2 and "input checkpoint" in err
+    after = {p: open(os.path.join(dp, p), "rb").read() for dp, _, fs in os.walk(tmp_path) for p in fs}
+    assert after == before
+    assert not os.path.exists(tmp_path / "tuned" / "inner")
+
+
+def test_extract_empty_output_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    bpath, tpath, _, _ = _pair(tmp_path, "lora", sharded=False)
+    monkeypatch.chdir(tmp_path)
+    for extra in ((), ("--force",)):
+        rc, out, err = _extract(capsys, bpath, tpath, "", *extra)
+        assert rc == 2 and err.count("\n") == 1 and "-o/--output" in err and out == ""
+    assert sorted(os.listdir(tmp_path)) == ["base.safetensors", "tuned.safetensors"]

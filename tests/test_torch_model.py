@@ -282,8 +282,8 @@ def test_save_load_round_trip(tmp_path, kind, init):
         m.head.base_layer.bias.add_(1.0)
     y = m(x, idx).detach()
     save_adapter(m, tmp_path / "ad")
-    assert sorted(os.listdir(tmp_path / "ad")) == ["adapter_config.json", "adapter_model.safetensors"]
-    meta = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert sorted(os.listdir(tmp_path / "ad")) == ["tucker_peft_adapter.safetensors"]
+    meta = tp._format.read_adapter(tmp_path / "ad").config
     assert meta["library_version"] == tp.__version__
     assert meta["layers"]["conv1.weight"]["base_shape"] == [8, 3, 3, 3]
     assert meta["layers"]["conv1.weight"]["spec"]["kind"] == kind
@@ -320,21 +320,20 @@ def test_load_rejects_truncated_and_tampered_files(tmp_path):
     m = _net()
     inject(m, AdapterConfig(kind="cp", ranks=2, target_modules=TARGETS))
     save_adapter(m, tmp_path / "ad")
-    f = tmp_path / "ad" / "adapter_model.safetensors"
+    f = tmp_path / "ad" / "tucker_peft_adapter.safetensors"
     data = f.read_bytes()
     fresh = _net()
     before = _state(fresh)
     f.write_bytes(data[: len(data) // 2])
     with pytest.raises(tp.StateDictError, match="corrupt or truncated"):
         load_adapter(fresh, tmp_path / "ad")
-    f.write_bytes(data)
-    meta_f = tmp_path / "ad" / "adapter_config.json"
-    meta = json.loads(meta_f.read_text())
+    from safetensors.torch import load, save
+    meta = json.loads(tp._format.safetensors_metadata(data, "")["config"])
     meta["layers"]["conv1.weight"]["spec"]["rank"] = 3
-    meta_f.write_text(json.dumps(meta))
+    f.write_bytes(save(load(data), metadata={"format": tp._format.FORMAT, "config": json.dumps(meta)}))
     with pytest.raises(tp.StateDictError, match=r"conv1.weight::weights: expected shape \(3,\), got \(2,\)"):
         load_adapter(fresh, tmp_path / "ad")
-    meta_f.write_text("{not json")
+    f.write_bytes(save(load(data), metadata={"format": tp._format.FORMAT, "config": "{not json"}))
     with pytest.raises(tp.StateDictError, match="not valid JSON"):
         load_adapter(fresh, tmp_path / "ad")
     with pytest.raises(tp.StateDictError, match="does not exist"):
@@ -347,20 +346,18 @@ def test_save_is_atomic_and_keeps_the_old_file_on_failure(tmp_path, monkeypatch)
     m = _net()
     inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=TARGETS))
     save_adapter(m, tmp_path / "ad")
-    old = (tmp_path / "ad" / "adapter_model.safetensors").read_bytes()
+    old = (tmp_path / "ad" / "tucker_peft_adapter.safetensors").read_bytes()
     _perturb(m)
-    import safetensors.torch
 
-    def boom(tensors, filename, metadata=None):
-        with open(filename, "wb") as fh:
-            fh.write(b"partial")
+    def boom(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(os, "fsync", boom)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(m, tmp_path / "ad")
-    assert (tmp_path / "ad" / "adapter_model.safetensors").read_bytes() == old
-    assert sorted(os.listdir(tmp_path / "ad")) == ["adapter_config.json", "adapter_model.safetensors"]
+    monkeypatch.undo()
+    assert (tmp_path / "ad" / "tucker_peft_adapter.safetensors").read_bytes() == old
+    assert sorted(os.listdir(tmp_path / "ad")) == ["tucker_peft_adapter.safetensors"]
 
 
 def test_load_twice_under_same_name_is_refused(tmp_path):

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -426,22 +425,16 @@ class Adapter:
         self._cache = None
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write :meth:`state_dict` and :meth:`metadata` to a safetensors file, atomically."""
-        from safetensors.numpy import save_file
+        """Write :meth:`state_dict` and :meth:`metadata` to a safetensors file, atomically.
 
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-        os.close(fd)
-        try:
-            save_file(self.state_dict(), tmp, metadata=self.metadata())
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        Through :func:`tucker_peft._format.atomic_write`: the old file stays
+        whole until the new one replaces it in one rename.
+        """
+        from safetensors.numpy import save
+
+        from ._format import atomic_write, check_path
+
+        atomic_write(check_path(path), save(self.state_dict(), metadata=self.metadata()))
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, like: Any = None, dtype: Any = None,
@@ -482,15 +475,15 @@ class Adapter:
 
 
 def _read_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    from safetensors import safe_open
+    """Arrays and metadata of a safetensors file, read once into memory (safe against a concurrent writer)."""
+    from ._format import check_path, load_tensors, read_file_once, safetensors_metadata
 
-    p = os.fspath(path)
+    p = check_path(path)
     try:
-        with safe_open(p, framework="numpy") as f:
-            meta = dict(f.metadata() or {})
-            state = {k: f.get_tensor(k) for k in f.keys()}
+        data = read_file_once(p)
     except FileNotFoundError:
         raise StateDictError(f"path: expected an adapter file, got {p!r} which does not exist") from None
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
+    except OSError as exc:
         raise StateDictError(f"{p}: expected a readable safetensors file, got {type(exc).__name__}: {exc}") from None
-    return state, meta
+    meta = safetensors_metadata(data, p)
+    return load_tensors(data, p, "numpy"), meta

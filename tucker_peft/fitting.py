@@ -23,7 +23,7 @@ from opt_einsum import get_symbol
 
 from ._base import Parametrization, check_int, check_scale, check_tensor
 from ._decomp import hooi_sweep
-from ._dispatch import contract, namespace, to_numpy
+from ._dispatch import contract, to_numpy
 from ._errors import RankError, TuckerPeftError, fmt_shape
 from .cp import CP
 from .lora import LoRA

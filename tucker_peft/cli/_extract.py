@@ -7,9 +7,10 @@ threshold), a spec is chosen by the rule (``--budget``, ``--match`` or
 ``fit(method='als')``), and the relative error of the *saved* params is
 measured. Only one layer is in memory at a time.
 
-The adapter directory, written atomically, holds ``adapter_config.json``,
-``adapter_model.safetensors`` (format ``tucker_peft.torch_adapter/1``, read by
-the torch binding's ``load_adapter``) and ``extract_report.json``.
+The adapter directory holds ``tucker_peft_adapter.safetensors`` (the
+package's one adapter format, :mod:`tucker_peft._format`, read by the torch
+binding's ``load_adapter``) and ``extract_report.json``, each written
+atomically through the package's one writer.
 """
 
 from __future__ import annotations
@@ -18,11 +19,9 @@ import argparse
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -54,11 +53,7 @@ from ._ranks import (
 NAME = "extract"
 HELP = "fit a Tucker/CP/LoRA adapter to the difference of a fine-tuned and a base checkpoint"
 
-#: Format tag of the adapter directory (read by the torch binding's load_adapter).
-ADAPTER_FORMAT = "tucker_peft.torch_adapter/1"
 REPORT_FORMAT = "tucker_peft.extract_report/1"
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 REPORT_FILE = "extract_report.json"
 
 #: --compute-dtype auto: float64 up to this many elements, float32 above (2 GiB of float64).
@@ -97,11 +92,14 @@ followed by --steps ALS sweeps (tucker_peft.fit(method='als')).
 
 {SELECTION_RULE}
 
-Output directory (-o): adapter_config.json, adapter_model.safetensors (keys
+Output directory (-o): tucker_peft_adapter.safetensors (keys
 '<tensor name>::<param>', e.g. 'features.0.weight::core'; scale 1.0, so
-W_tuned ~ W_base + reconstruct(params)) and extract_report.json. Written to a
-temporary directory beside it and renamed into place; an existing non-empty
-directory is replaced only with --force."""
+W_tuned ~ W_base + reconstruct(params); the adapter config in its metadata)
+and extract_report.json, each written atomically. An existing non-empty
+directory is refused; with --force it is accepted only when it already holds
+a tucker_peft adapter (tucker_peft_adapter.safetensors), and then only that
+adapter and extract_report.json are replaced: no other file is touched. The
+output may not be, be inside, or contain BASE or TUNED."""
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -125,19 +123,58 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compute-dtype", choices=("auto", "float64", "float32"), default="auto",
                    help=f"dtype of dW and the fit (auto: float64 up to {AUTO_FLOAT64_MAX_NUMEL:,} elements, else float32)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the random parts (CP-ALS start), an int >= 0; default 0")
-    p.add_argument("--force", action="store_true", help="replace ADAPTER_DIR if it exists and is not empty")
+    p.add_argument("--force", action="store_true",
+                   help="replace the adapter in ADAPTER_DIR if it already holds one written by tucker-peft")
     add_quiet_arg(p)
 
 
 # -- output directory ------------------------------------------------------------------
 
-def check_output(path: str, force: bool) -> None:
-    """Fail early (usage error) on an output path that cannot be written."""
+def _input_paths(sources: Sequence[Any]) -> list[str]:
+    """Real paths of the checkpoints' files, and the directory of a sharded one (its index's)."""
+    out = []
+    for src in sources:
+        path = getattr(src, "path", None)
+        for p in [path, *(getattr(src, "files", None) or ())]:
+            if isinstance(p, (str, os.PathLike)) and os.path.exists(p):
+                out.append(os.path.realpath(p))
+        if isinstance(path, str) and path.endswith(".index.json") and os.path.isfile(path):
+            out.append(os.path.dirname(os.path.realpath(path)))
+    return out
+
+
+def _inside(child: str, parent: str) -> bool:
+    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def check_output(path: str, force: bool, inputs: Sequence[Any] = ()) -> None:
+    """Fail early (usage error) on an output path that cannot or may not be written.
+
+    Refused: an empty path; an existing non-directory; a non-empty directory
+    without ``--force``, or with it but without a tucker_peft adapter in it
+    (the marker :data:`tucker_peft._format.ADAPTER_FILE`, or the version-1
+    ``adapter_config.json`` of tucker_peft's format); a path that is, is
+    inside, or contains a file or directory of an input checkpoint.
+    """
+    from tucker_peft._format import ADAPTER_FILE, adapter_marker
+
+    if not path:
+        raise UsageError("argument -o/--output: expected a directory path, got ''")
+    real = os.path.realpath(path)
+    for inp in _input_paths(inputs):
+        if _inside(real, inp) or _inside(inp, real):
+            raise UsageError(f"-o {path}: is, is inside, or contains the input checkpoint {inp}; "
+                             "expected a separate directory")
     if os.path.lexists(path):
         if not os.path.isdir(path) or os.path.islink(path):
             raise UsageError(f"-o {path}: exists and is not a directory")
-        if os.listdir(path) and not force:
-            raise UsageError(f"-o {path}: directory exists and is not empty; pass --force to replace it")
+        if os.listdir(path):
+            if not force:
+                raise UsageError(f"-o {path}: directory exists and is not empty; pass --force to replace the "
+                                 "tucker-peft adapter in it")
+            if adapter_marker(path) is None:
+                raise UsageError(f"-o {path}: --force only replaces a tucker-peft adapter, and this directory holds "
+                                 f"none ({ADAPTER_FILE}); expected an empty or new directory")
     probe = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
@@ -145,57 +182,32 @@ def check_output(path: str, force: bool) -> None:
         raise UsageError(f"-o {path}: cannot create it ({probe} is not a writable directory)")
 
 
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot fsync directories
-    finally:
-        os.close(fd)
+def write_output(path: str, tensors: dict[str, np.ndarray], config: dict[str, Any], report: dict[str, Any]) -> None:
+    """The adapter, then the report, each replaced atomically (:mod:`tucker_peft._format`).
 
-
-def write_dir_atomic(path: str, writers: Sequence[tuple[str, Callable[[str], None]]], force: bool) -> None:
-    """Write files into a temporary directory beside ``path``, then rename it to ``path``.
-
-    ``writers`` are ``(file name, write(full_path))``. An existing empty
-    directory is replaced; a non-empty one only with ``force`` (moved aside,
-    then deleted once the new one is in place).
+    Only these two files are written. A directory this call created is
+    removed again when writing fails, so a failed run leaves nothing behind.
     """
-    from tucker_peft import TuckerPeftError
+    from tucker_peft._format import ADAPTER_FILE, atomic_write, write_adapter
 
-    path = os.path.abspath(path)
-    parent, base = os.path.dirname(path), os.path.basename(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
-    old = None
+    created = not os.path.lexists(path)
+    os.makedirs(path, exist_ok=True)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        for fname, write in writers:
-            write(os.path.join(tmp, fname))
-            os.chmod(os.path.join(tmp, fname), 0o666 & ~umask)
-            _fsync_path(os.path.join(tmp, fname))
-        _fsync_path(tmp)
-        if os.path.lexists(path):
-            if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
-                os.rmdir(path)
-            elif force and os.path.isdir(path) and not os.path.islink(path):
-                old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
-                os.rename(path, old)  # onto the empty placeholder
-            else:
-                raise TuckerPeftError(f"-o {path}: appeared while extracting and is not empty; pass --force to replace it")
-        os.rename(tmp, path)
-        _fsync_path(parent)
+        write_adapter(path, tensors, config)
+        atomic_write(os.path.join(path, REPORT_FILE),
+                     (json.dumps(report, indent=1, allow_nan=True) + "\n").encode("utf-8"))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not os.path.lexists(path):
-            os.rename(old, path)
-            old = None
+        if created:
+            for n in (ADAPTER_FILE, REPORT_FILE):
+                try:
+                    os.unlink(os.path.join(path, n))
+                except OSError:
+                    pass
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # -- one layer -------------------------------------------------------------------------
@@ -357,9 +369,9 @@ def run(args: argparse.Namespace) -> int:
 
     base = open_source(args.base, "BASE")
     tuned = open_source(args.tuned, "TUNED")
-    check_output(args.output, args.force)
+    check_output(args.output, args.force, (base, tuned))
     try:
-        from safetensors.numpy import save_file
+        import safetensors.numpy  # noqa: F401
     except ImportError:
         raise TuckerPeftError("extract writes safetensors: pip install safetensors") from None
     rule = Rule.from_args(args)
@@ -431,7 +443,7 @@ def run(args: argparse.Namespace) -> int:
         raise TuckerPeftError(f"nothing to extract: no tensor has a usable dW ({skipped or 'none compared'}); "
                               f"nothing written to {args.output}")
 
-    config = {"format": ADAPTER_FORMAT, "library_version": __version__, "adapter_name": "default",
+    config = {"library_version": __version__, "adapter_name": "default",
               "config": {"kind": args.kind, "alpha": 1.0, "target_modules": None, "init": "zero", "forward": "auto",
                          "dropout": 0.0},
               "layers": layers, "trainable": []}
@@ -442,18 +454,7 @@ def run(args: argparse.Namespace) -> int:
               "include": args.include.pattern, "exclude": args.exclude.pattern if args.exclude else None,
               "summary": summary, "layers": records, "mismatched": problems}
 
-    def write_json(obj: Any) -> Callable[[str], None]:
-        def w(path: str) -> None:
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump(obj, f, indent=1, allow_nan=True)
-                f.write("\n")
-        return w
-
-    write_dir_atomic(args.output, [
-        (WEIGHTS_FILE, lambda path: save_file(tensors, path, metadata={"format": ADAPTER_FORMAT})),
-        (CONFIG_FILE, write_json(config)),
-        (REPORT_FILE, write_json(report)),
-    ], args.force)
+    write_output(args.output, tensors, config, report)
 
     print(printable(f"extracted {len(ok)} of {len(common)} tensors"
           + (f" (skipped: {skipped})" if skipped else "")

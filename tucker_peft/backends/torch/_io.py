@@ -1,67 +1,60 @@
 """Adapter files: save and validated load (export to PEFT lives in :mod:`._export`).
 
-Format (a directory)::
+The file format and the atomic writer are :mod:`tucker_peft._format`'s: one
+``tucker_peft_adapter.safetensors`` whose metadata holds the configuration,
+replaced by one ``os.replace``; the version-1 pair (``adapter_config.json`` +
+``adapter_model.safetensors``) still loads.
 
-    adapter_config.json        {"format", "library_version", "adapter_name", "config",
-                                "layers": {param path: {"spec", "scale", "base_shape", "dtype",
-                                                         "module_type", "has_init"}},
-                                "trainable": [base parameter names]}
-    adapter_model.safetensors  "{param path}::{name}"        adapter params
-                               "{param path}::init::{name}"  params ΔW started from ('hosvd' init)
-                               "base::{param name}"          extra trained base parameters
-
-Both files are written to a temporary file and renamed into place.
+Loading treats the file as untrusted: every name, shape, dtype and value is
+checked before the model changes (base tensors only for parameters the saved
+config marks trainable; no NaN/Inf unless ``allow_nonfinite``; integer, bool
+and complex tensors refused; floating ones cast to the adapter's dtype with
+a warning), and any failure after that restores the model exactly: the
+same state-dict keys and byte-identical values, trainability and active
+adapters as before.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-from typing import Any, Callable, Mapping
+import warnings
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from ..._errors import TuckerPeftError, fmt_shape
+from ..._format import atomic_write, check_path, read_adapter, write_adapter
 from ..._version import __version__
+from ..._base import check_scale
 from ...adapter import StateDictError, spec_from_json, spec_to_json
+from . import _model
 from ._config import AdapterConfig
 from ._layers import AdaptedLayer, DeltaWeight
-from ._model import (Target, _check_free, _check_name, _named_weights, active_adapter, adapted_layers,
-                     adapter_names, apply_plan, delete_adapter, extra_trainable)
+from ._model import (Target, _adapter_dtype, _check_free, _check_name, _named_weights, active_adapter,
+                     adapted_layers, adapter_names, apply_plan, delete_adapter, extra_trainable)
 
 __all__ = ["save_adapter", "load_adapter"]
 
-FORMAT = "tucker_peft.torch_adapter/1"
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-
-
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=d)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
 
 def _write_json(path: str, obj: Any) -> None:
-    def w(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-    _atomic_write(path, w)
+    """``obj`` as indented JSON, written atomically (used by the PEFT export)."""
+    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def _write_tensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
-    from safetensors.torch import save_file
-    _atomic_write(path, lambda tmp: save_file(dict(tensors), tmp, metadata=dict(metadata)))
+    """A safetensors file written atomically (used by the PEFT export)."""
+    from safetensors.torch import save
+    atomic_write(path, save(dict(tensors), metadata=dict(metadata)))
+
+
+def _adapter_extras(model: nn.Module, name: str, config: AdapterConfig | None) -> dict[str, torch.Tensor]:
+    """The adapter's own trained copies of base parameters (``_model.adapter_extras`` once it exists)."""
+    own = getattr(_model, "adapter_extras", None)
+    if own is not None:
+        return own(model, name)
+    return extra_trainable(model, config.trainable) if config is not None else {}
 
 
 def _resolve_name(model: nn.Module, adapter_name: str | None) -> str:
@@ -81,76 +74,185 @@ def _deltas(model: nn.Module, name: str) -> list[tuple[str, Any, DeltaWeight]]:
     return [(path, h, h.adapters[name]) for path, h in adapted_layers(model) if name in h.adapters]
 
 
-def _cpu(t: torch.Tensor) -> torch.Tensor:
+def _is_dtensor(t: Any) -> bool:
+    return type(t).__name__ == "DTensor" or (hasattr(t, "device_mesh") and hasattr(t, "placements"))
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """A full host copy; a DTensor (FSDP2 shard) is gathered first (a collective: every rank calls it)."""
+    if _is_dtensor(t):
+        t = t.full_tensor()
     return t.detach().to("cpu").contiguous()
 
 
+def _rank0_writes(sharded: bool) -> tuple[bool, Any]:
+    """(whether this process writes, the process group) under FSDP2: rank 0 writes once."""
+    if not sharded:
+        return True, None
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return True, None
+    return dist.get_rank() == 0, dist
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> None:
-    """Write one adapter (default: the active one) to directory ``path``.
+    """Write one adapter (default: the active one) to directory ``path``, atomically as a whole.
+
+    The directory (created if needed) gets one file,
+    ``tucker_peft_adapter.safetensors``: the adapter's tensors with the
+    whole configuration in its metadata (see :mod:`tucker_peft._format`).
+    It replaces a previous adapter there in one ``os.replace``: after a
+    crash at any instant the directory holds the old adapter or the new one,
+    never a mix; a killed save's temporary file is removed by the next save.
+    Other files in the directory (e.g. ``save_pretrained`` output) are left
+    alone. On an FSDP2-sharded model, call it on every rank (a collective):
+    the shards are gathered to full tensors and rank 0 writes once.
 
     Parameters
     ----------
     model : nn.Module
         A model with adapters.
     path : str or PathLike
-        Directory, created if needed; ``adapter_config.json`` and
-        ``adapter_model.safetensors`` in it are replaced atomically.
+        The adapter directory.
     adapter_name : str, optional
     """
+    if not isinstance(model, nn.Module):
+        raise TuckerPeftError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    path = check_path(path)
     name = _resolve_name(model, adapter_name)
     deltas = _deltas(model, name)
     config: AdapterConfig | None = deltas[0][2].config
     layers, tensors = {}, {}
+    sharded = False
     for p, h, d in deltas:
         layers[p] = {"spec": json.loads(spec_to_json(d.spec)), "scale": d.scale, "base_shape": list(d.spec.shape),
                      "dtype": str(next(iter(d.params.values())).dtype).replace("torch.", ""),
                      "module_type": type(h.base_layer).__name__ if isinstance(h, AdaptedLayer) else None,
                      "has_init": d.has_init}
         for k, v in d.params.items():
-            tensors[f"{p}::{k}"] = _cpu(v)
+            sharded |= _is_dtensor(v)
+            tensors[f"{p}::{k}"] = _host(v)
         for k, v in d.init_params().items():
-            tensors[f"{p}::init::{k}"] = _cpu(v)
-    extra = extra_trainable(model, config.trainable) if config is not None else {}
+            sharded |= _is_dtensor(v)
+            tensors[f"{p}::init::{k}"] = _host(v)
+    extra = _adapter_extras(model, name, config)
     for k, v in extra.items():
-        tensors[f"base::{k}"] = _cpu(v)
-    meta = {"format": FORMAT, "library_version": __version__, "adapter_name": name,
+        sharded |= _is_dtensor(v)
+        tensors[f"base::{k}"] = _host(v)
+    meta = {"library_version": __version__, "adapter_name": name,
             "config": config.to_dict() if config is not None else None, "layers": layers, "trainable": list(extra)}
-    path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
-    _write_tensors(os.path.join(path, WEIGHTS_FILE), tensors, {"format": FORMAT})
-    _write_json(os.path.join(path, CONFIG_FILE), meta)
+    writes, dist = _rank0_writes(sharded)
+    error = None
+    if writes:
+        try:
+            write_adapter(path, tensors, meta)
+        except BaseException as exc:
+            if dist is None:
+                raise
+            error = exc
+    if dist is not None:  # every rank returns after the file is in place, or raises rank 0's error
+        box = [None if error is None else f"{type(error).__name__}: {error}"]
+        dist.broadcast_object_list(box, src=0)
+        if error is not None:
+            raise error
+        if box[0] is not None:
+            raise TuckerPeftError(f"save_adapter failed on rank 0: {box[0]}")
 
 
-def _read(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    cfg_path, w_path = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
-    for f in (cfg_path, w_path):
-        if not os.path.isfile(f):
-            raise StateDictError(f"path: expected an adapter directory with {CONFIG_FILE} and {WEIGHTS_FILE}, "
-                                 f"but {f} does not exist")
+# -- loading -------------------------------------------------------------------------------
+
+_BAD_DTYPE = "expected a floating-point tensor"
+
+
+def _check_tensor(key: str, t: torch.Tensor, shape: tuple[int, ...], allow_nonfinite: bool,
+                  problems: list[str], nonfinite: list[str]) -> bool:
+    if t.dtype.is_complex or not t.dtype.is_floating_point:
+        problems.append(f"{key}: {_BAD_DTYPE}, got {str(t.dtype).replace('torch.', '')}")
+        return False
+    if tuple(t.shape) != tuple(shape):
+        problems.append(f"{key}: expected shape {fmt_shape(shape)}, got {fmt_shape(t.shape)}")
+        return False
+    if not bool(torch.isfinite(t.float()).all()):
+        if not allow_nonfinite:
+            problems.append(f"{key}: contains NaN or Inf (pass allow_nonfinite=True to load it anyway)")
+            return False
+        nonfinite.append(key)
+    return True
+
+
+def _layer_entry(entry: Mapping[str, Any]) -> tuple[Any, float, bool]:
+    spec_d = entry.get("spec")
+    if not isinstance(spec_d, dict):
+        raise StateDictError(f"'spec': expected an object, got {type(spec_d).__name__}")
+    spec = spec_from_json(json.dumps(spec_d))
     try:
-        with open(cfg_path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise StateDictError(f"{cfg_path}: not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("layers"), dict):
-        raise StateDictError(f"{cfg_path}: expected format {FORMAT!r} with a 'layers' table, "
-                             f"got format {meta.get('format') if isinstance(meta, dict) else None!r}")
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    try:
-        tensors = load_file(w_path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise StateDictError(f"{w_path}: corrupt or truncated safetensors file ({exc})") from None
-    return meta, tensors
+        scale = check_scale(entry.get("scale"), nonzero=True)
+    except TuckerPeftError as exc:
+        raise StateDictError(str(exc)) from None
+    has_init = entry.get("has_init", False)
+    if not isinstance(has_init, bool):
+        raise StateDictError(f"'has_init': expected true or false, got {has_init!r:.80}")
+    return spec, scale, has_init
+
+
+def _active_state(h: Any) -> Any:
+    return tuple(h.active_adapters) if hasattr(h, "active_adapters") else h.active_adapter
+
+
+def _restore_active(h: Any, state: Any) -> None:
+    if hasattr(h, "set_active"):
+        h.set_active(state)
+    else:
+        h.active_adapter = state
+
+
+class _Snapshot:
+    """What a load may change, to restore exactly: touched tensors' bytes, trainability, active adapters."""
+
+    def __init__(self, model: nn.Module, touched: list[torch.Tensor]) -> None:
+        self.model = model
+        self.names = set(adapter_names(model))
+        self.grad = [(p, p.requires_grad) for p in model.parameters()]
+        self.values = [(t, t.detach().clone()) for t in touched]
+        self.active = [(h, _active_state(h)) for _, h in adapted_layers(model)]
+        self.hooks = {id(h) for h, _ in self.active}
+
+    def restore(self, name: str) -> None:
+        if name in adapter_names(self.model) and name not in self.names:
+            try:
+                delete_adapter(self.model, name)
+            except Exception:  # pragma: no cover - best effort; the values below are restored anyway
+                pass
+        for path, h in list(adapted_layers(self.model)):  # a wrapper created before the failure, still empty
+            if id(h) not in self.hooks and not len(h.adapters):
+                _model._remove_hook(self.model, path, h)
+        with torch.no_grad():
+            for t, v in self.values:
+                t.copy_(v)
+        for p, g in self.grad:
+            p.requires_grad_(g)
+        for h, a in self.active:
+            _restore_active(h, a)
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, *,
-                 is_trainable: bool = True) -> nn.Module:
+                 is_trainable: bool = True, allow_nonfinite: bool = False) -> nn.Module:
     """Load an adapter saved by :func:`save_adapter` (or ``tucker-peft extract``) onto ``model``.
 
-    Every layer name, shape and tensor is checked before anything changes; on
-    any mismatch or a corrupt file a :class:`~tucker_peft.StateDictError`
-    says what was expected and what was found, and the model is unchanged.
+    The file is read once into memory and treated as untrusted. Before
+    anything changes, every layer name, shape and dtype is checked: adapter
+    tensors must be floating point (integer, bool and complex are refused;
+    other floating dtypes are cast to the adapter's dtype, with a warning),
+    finite (unless ``allow_nonfinite``), scales finite and nonzero, and
+    ``base::NAME`` tensors are accepted only for parameters that the saved
+    config marks trainable, with the model's dtype and shape. On any error a
+    :class:`~tucker_peft.StateDictError` says what was expected and what was
+    found, and the model is left exactly as it was (same state-dict keys,
+    byte-identical values, same trainability and active adapters).
+
+    On an FSDP2-sharded model (DTensor parameters), call it on every rank
+    with an adapter of that name already injected (before ``fully_shard``):
+    its values are replaced, sharded like the parameters they replace.
 
     Parameters
     ----------
@@ -162,14 +264,20 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         Name to load under; default: the name saved in the file.
     is_trainable : bool
         Make the loaded adapter's parameters trainable (else frozen, for inference).
+    allow_nonfinite : bool
+        Load NaN/Inf adapter values anyway (with a warning) instead of refusing them.
 
     Returns
     -------
     nn.Module
         ``model``, with the loaded adapter active.
     """
-    path = os.fspath(path)
-    meta, tensors = _read(path)
+    if not isinstance(model, nn.Module):
+        raise TuckerPeftError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    af = read_adapter(path)
+    path = af.path
+    meta = af.config
+    tensors = af.tensors("torch")
     name = adapter_name if adapter_name is not None else meta.get("adapter_name") or "default"
     _check_name(name)
     cfg = dict(meta.get("config") or {})
@@ -177,27 +285,31 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         cfg["target_parameters"] = list(meta["layers"])
     try:
         config = AdapterConfig.from_dict(cfg)
-    except TuckerPeftError as exc:
+    except (TuckerPeftError, TypeError, ValueError, RecursionError) as exc:
         raise StateDictError(f"{path}: adapter config is invalid ({exc})") from None
     weights = _named_weights(model)
     problems: list[str] = []
+    nonfinite: list[str] = []
+    casts: set[tuple[str, str]] = set()
     targets: list[Target] = []
     used: set[str] = set()
+    touched: list[torch.Tensor] = []
+    sharded = False
     for p, entry in meta["layers"].items():
         try:
-            spec = spec_from_json(json.dumps(entry["spec"]))
-            scale = float(entry["scale"])
-            has_init = bool(entry.get("has_init", False))
-        except (StateDictError, KeyError, TypeError, ValueError) as exc:
+            spec, scale, has_init = _layer_entry(entry)
+        except StateDictError as exc:
             problems.append(f"{p}: bad layer entry ({exc})")
             continue
         if p not in weights:
             problems.append(f"{p}: no such weight in the model")
             continue
         mod, attr, w = weights[p]
+        sharded |= _is_dtensor(w)
         if tuple(w.shape) != tuple(spec.shape):
             problems.append(f"{p}: adapter is for weight shape {fmt_shape(spec.shape)}, the model's is {fmt_shape(w.shape)}")
             continue
+        dtype = _adapter_dtype(w)
         params, init = {}, {}
         for k, shp in spec.param_shapes.items():
             for store, key in ((params, f"{p}::{k}"), (init, f"{p}::init::{k}")):
@@ -207,39 +319,105 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
                 used.add(key)
                 if t is None:
                     problems.append(f"{key}: missing from the file")
-                elif tuple(t.shape) != tuple(shp):
-                    problems.append(f"{key}: expected shape {fmt_shape(shp)}, got {fmt_shape(t.shape)}")
-                else:
-                    store[k] = t.to(w.device)
+                elif _check_tensor(key, t, shp, allow_nonfinite, problems, nonfinite):
+                    if t.dtype != dtype:
+                        casts.add((str(t.dtype).replace("torch.", ""), str(dtype).replace("torch.", "")))
+                    store[k] = t.to(dtype)
         try:
             _check_free(mod, attr, p, name, "hosvd" if has_init else "zero")
         except TuckerPeftError as exc:
-            problems.append(str(exc))
+            if not sharded:
+                problems.append(str(exc))
+        if has_init:
+            touched.append(w)
         module_path = p.rsplit(".", 1)[0] if "." in p else ""
         targets.append(Target(p, module_path, attr, type(mod).__name__, spec, scale, params, init if has_init else None))
+    if not meta["layers"]:
+        problems.append("the file adapts no layer ('layers' is empty)")
     base = {k: v for k, v in tensors.items() if k.startswith("base::")}
-    clean = extra_trainable(model, [k[6:] for k in base]) if base else {}
+    try:
+        allowed = extra_trainable(model, config.trainable) if base else {}
+    except TuckerPeftError as exc:
+        allowed = {}
+        problems.append(f"trainable={config.trainable!r}: {exc}")
+    listed = set(meta.get("trainable") or [])
     for k, t in base.items():
         used.add(k)
-        p = clean.get(k[6:])
-        if p is None:
-            problems.append(f"{k}: no such base parameter in the model")
-        elif tuple(p.shape) != tuple(t.shape):
-            problems.append(f"{k}: expected shape {fmt_shape(p.shape)}, got {fmt_shape(t.shape)}")
+        p = allowed.get(k[6:])
+        if p is None or k[6:] not in listed:
+            problems.append(f"{k}: refused; the saved config does not mark {k[6:]!r} trainable "
+                            f"(trainable={config.trainable!r}), or the model has no such parameter")
+        elif t.dtype != p.dtype:
+            problems.append(f"{k}: expected dtype {str(p.dtype).replace('torch.', '')}, got {str(t.dtype).replace('torch.', '')}")
+        elif _check_tensor(k, t, tuple(p.shape), allow_nonfinite, problems, nonfinite):
+            touched.append(p)
     extra = sorted(set(tensors) - used)
     if extra:
         problems.append(f"unexpected tensors in the file: {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+    if sharded:
+        problems += _check_sharded(model, name, targets)
     if problems:
         more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
         raise StateDictError(f"{path}: adapter does not fit this model; the model was not changed:\n  "
                              + "\n  ".join(problems[:8]) + more)
+    if casts:
+        warnings.warn(f"{path}: adapter tensors stored as " + ", ".join(f"{a} were cast to {b}" for a, b in sorted(casts))
+                      + " (the adapter dtype of this model)", stacklevel=2)
+    if nonfinite:
+        warnings.warn(f"{path}: loaded NaN/Inf values (allow_nonfinite=True) in {nonfinite[:5]}", stacklevel=2)
+    if sharded:
+        _load_sharded(model, name, targets, base, config, is_trainable)
+        return model
+    snap = _Snapshot(model, touched)
     try:
         apply_plan(model, targets, name, config, trainable=is_trainable)
+        extras = _adapter_extras(model, name, config)
         with torch.no_grad():
             for k, t in base.items():
-                clean[k[6:]].copy_(t)
+                extras[k[6:]].copy_(t)
     except BaseException:
-        if name in adapter_names(model):
-            delete_adapter(model, name)
+        snap.restore(name)
         raise
     return model
+
+
+def _check_sharded(model: nn.Module, name: str, targets: list[Target]) -> list[str]:
+    """An FSDP2 model takes values into an adapter it already has (FSDP manages parameters from fully_shard on)."""
+    hooks = dict(adapted_layers(model))
+    problems = []
+    for t in targets:
+        d = hooks.get(t.path)
+        d = d.adapters[name] if d is not None and name in d.adapters else None
+        if d is None:
+            problems.append(f"{t.path}: this FSDP2-sharded model has no adapter {name!r} here; inject the same config "
+                            "before fully_shard, then load_adapter into it (or load before fully_shard)")
+        elif d.spec != t.spec or d.scale != t.scale or d.has_init != (t.init_params is not None):
+            problems.append(f"{t.path}: adapter {name!r} on this sharded model is {d.spec!r} (scale {d.scale}); "
+                            f"the file holds {t.spec!r} (scale {t.scale})")
+    return problems
+
+
+def _load_sharded(model: nn.Module, name: str, targets: list[Target], base: Mapping[str, torch.Tensor],
+                  config: AdapterConfig, is_trainable: bool) -> None:
+    """Copy loaded values into the existing, sharded adapter params (a collective: every rank calls it)."""
+    hooks = dict(adapted_layers(model))
+    pairs = []
+    for t in targets:
+        d = hooks[t.path].adapters[name]
+        pairs += [(d.params[k], v) for k, v in t.params.items()]
+        pairs += [(getattr(d, f"init_{k}"), v) for k, v in (t.init_params or {}).items()]
+    extras = _adapter_extras(model, name, config) if base else {}
+    pairs += [(extras[k[6:]], v) for k, v in base.items()]
+    with torch.no_grad():
+        for p, v in pairs:
+            _copy_into(p, v)
+    _model.set_adapter(model, name, trainable=is_trainable)
+
+
+def _copy_into(p: torch.Tensor, v: torch.Tensor) -> None:
+    if _is_dtensor(p):
+        from torch.distributed.tensor import distribute_tensor
+        full = distribute_tensor(v.to(p.to_local().device, p.dtype), p.device_mesh, p.placements)
+        p.to_local().copy_(full.to_local())
+    else:
+        p.copy_(v.to(p.device, p.dtype))

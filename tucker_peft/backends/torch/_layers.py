@@ -14,6 +14,7 @@ from ..._errors import TuckerPeftError
 from ...cp import CP
 from ...lora import LoRA
 from ...tucker import Tucker
+from ._keys import base_keys_on_load, base_keys_on_save
 from ._ops import FusedDelta, Geometry, contract, factorized, stage_costs
 
 __all__ = ["DeltaWeight", "AdaptedLayer", "DeltaParametrization", "SUPPORTED"]
@@ -178,6 +179,9 @@ class AdaptedLayer(nn.Module):
         self.active_adapter: str | None = None
         self.merged: str | None = None
         self.layer_name = name
+        # state_dict keeps the plain layer's keys ('q.weight', not 'q.base_layer.weight'): see _keys.py.
+        self.register_state_dict_post_hook(base_keys_on_save)
+        self.register_load_state_dict_pre_hook(base_keys_on_load)
         self.geometry = _geometry(base)
         self._prepad = None
         if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and self.geometry.padding == (0,) * self.geometry.nd \
@@ -212,9 +216,9 @@ class AdaptedLayer(nn.Module):
         if not d._structured:
             w = base.weight + d.delta_weight().to(base.weight.dtype)
             return F.linear(x, w, base.bias) if geom.nd == 0 else base._conv_forward(x, w, base.bias)
-        lead = x.shape[:-1] if geom.nd == 0 else None
+        lead = x.shape[:-1] if geom.nd == 0 and x.ndim != 2 else None  # 2-D: no reshape, so no view returned
         unbatched = geom.nd > 0 and x.ndim == geom.nd + 1
-        if geom.nd == 0:
+        if lead is not None:
             x = x.reshape(-1, x.shape[-1])
         elif unbatched:
             x = x.unsqueeze(0)
@@ -228,8 +232,10 @@ class AdaptedLayer(nn.Module):
             y = geom.conv(xp, base.weight, geom.groups, base.bias)
             xd = self._pad(d.dropout(x)) if d.dropout is not None else xp
             y = y + factorized(geom, xd, p_out, s, p_in, mg).to(y.dtype)
-        if geom.nd == 0:
+        if lead is not None:
             return y.reshape(*lead, y.shape[-1])
+        if geom.nd == 0:
+            return y
         return y.squeeze(0) if unbatched else y
 
     def _embedding(self, idx: torch.Tensor, d: DeltaWeight) -> torch.Tensor:

@@ -15,6 +15,7 @@ from torch.nn.utils import parametrize
 from ..._base import Parametrization
 from ..._errors import TuckerPeftError, fmt_shape
 from ._config import AdapterConfig, name_matches
+from ._keys import attach_owner_hooks
 from ._layers import SUPPORTED, AdaptedLayer, DeltaParametrization, DeltaWeight, _add_
 
 __all__ = [
@@ -229,6 +230,7 @@ def apply_plan(model: nn.Module, targets: list[Target], adapter_name: str, confi
             else:
                 hook = DeltaParametrization(t.path)
                 parametrize.register_parametrization(mod, attr, hook, unsafe=True)
+                attach_owner_hooks(mod)  # plain state-dict key for the parameter (see _keys.py)
         delta = DeltaWeight(t.spec, t.scale, {k: v.to(w.device) for k, v in t.params.items()},
                             dropout=config.dropout, forward=config.forward,
                             init_params=None if t.init_params is None else {k: v.to(w.device) for k, v in t.init_params.items()},
