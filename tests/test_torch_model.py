@@ -130,10 +130,10 @@ def test_bad_targets_and_ranks_leave_model_unchanged():
 
 def test_inject_freezes_base_and_trains_extra_by_pattern():
     m = _net()
-    inject(m, AdapterConfig(kind="cp", ranks=2, target_modules=TARGETS, trainable=["head.bias"]))
+    inject(m, AdapterConfig(kind="cp", ranks=2, target_modules=TARGETS[:-2], trainable=["head.bias"]))
     names = {n for n, p in m.named_parameters() if p.requires_grad}
-    assert "head.base_layer.bias" in names
-    assert all(".adapters.default." in n for n in names - {"head.base_layer.bias"})
+    assert "head.modules_to_save.default.bias" in names
+    assert all(".adapters.default." in n for n in names - {"head.modules_to_save.default.bias"})
     assert trainable_parameters(m) == sum(h.adapters["default"].spec.num_params for _, h in adapted_layers(m)) + 5
 
 
@@ -276,10 +276,10 @@ def test_hosvd_adapter_cannot_share_a_weight():
 def test_save_load_round_trip(tmp_path, kind, init):
     m = _net()
     x, idx = _inputs()
-    inject(m, AdapterConfig(kind=kind, ranks=2, target_modules=TARGETS, init=init, trainable=["head.bias"]))
+    inject(m, AdapterConfig(kind=kind, ranks=2, target_modules=TARGETS[:-2], init=init, trainable=["head.bias"]))
     _perturb(m)
     with torch.no_grad():
-        m.head.base_layer.bias.add_(1.0)
+        m.head.modules_to_save["default"].bias.add_(1.0)
     y = m(x, idx).detach()
     save_adapter(m, tmp_path / "ad")
     assert sorted(os.listdir(tmp_path / "ad")) == ["adapter_config.json", "adapter_model.safetensors"]

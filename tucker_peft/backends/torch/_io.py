@@ -29,7 +29,7 @@ from ...adapter import StateDictError, spec_from_json, spec_to_json
 from ._config import AdapterConfig
 from ._layers import AdaptedLayer, DeltaWeight
 from ._model import (Target, _check_free, _check_name, _named_weights, active_adapter, adapted_layers,
-                     adapter_names, apply_plan, delete_adapter, extra_trainable)
+                     adapter_extras, adapter_names, apply_plan, delete_adapter, extra_trainable)
 
 __all__ = ["save_adapter", "load_adapter"]
 
@@ -110,7 +110,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
             tensors[f"{p}::{k}"] = _cpu(v)
         for k, v in d.init_params().items():
             tensors[f"{p}::init::{k}"] = _cpu(v)
-    extra = extra_trainable(model, config.trainable) if config is not None else {}
+    extra = adapter_extras(model, name)
     for k, v in extra.items():
         tensors[f"base::{k}"] = _cpu(v)
     meta = {"format": FORMAT, "library_version": __version__, "adapter_name": name,
@@ -218,12 +218,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         module_path = p.rsplit(".", 1)[0] if "." in p else ""
         targets.append(Target(p, module_path, attr, type(mod).__name__, spec, scale, params, init if has_init else None))
     base = {k: v for k, v in tensors.items() if k.startswith("base::")}
-    clean = extra_trainable(model, [k[6:] for k in base]) if base else {}
+    try:
+        clean = extra_trainable(model, config.trainable)
+    except TuckerPeftError as exc:
+        clean = {}
+        problems.append(str(exc))
     for k, t in base.items():
         used.add(k)
         p = clean.get(k[6:])
         if p is None:
-            problems.append(f"{k}: no such base parameter in the model")
+            problems.append(f"{k}: not a parameter that the adapter's config marks trainable in this model")
         elif tuple(p.shape) != tuple(t.shape):
             problems.append(f"{k}: expected shape {fmt_shape(p.shape)}, got {fmt_shape(t.shape)}")
     extra = sorted(set(tensors) - used)
@@ -235,9 +239,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
                              + "\n  ".join(problems[:8]) + more)
     try:
         apply_plan(model, targets, name, config, trainable=is_trainable)
+        extras = adapter_extras(model, name)
         with torch.no_grad():
             for k, t in base.items():
-                clean[k[6:]].copy_(t)
+                extras[k[6:]].copy_(t)
     except BaseException:
         if name in adapter_names(model):
             delete_adapter(model, name)
