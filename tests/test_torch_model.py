@@ -79,11 +79,19 @@ def _state(model):
     (dict(target_modules=None), "target_modules: expected module names"),
     (dict(target_modules="conv[", ), "invalid regex"),
     (dict(rank_pattern={"conv1": -1}), r"rank_pattern\['conv1'\]"),
+    (dict(strict=1), "strict: expected True or False, got 1"),
 ])
 def test_config_errors_name_the_field(kw, match):
     args = dict(target_modules=["conv1"]) | kw
     with pytest.raises(tp.TuckerPeftError, match=match):
         AdapterConfig(**args)
+
+
+def test_every_config_field_is_typed():
+    import typing
+    hints = typing.get_type_hints(AdapterConfig)
+    assert set(hints) == {f.name for f in __import__("dataclasses").fields(AdapterConfig)}
+    assert all(h is not typing.Any for h in hints.values())
 
 
 def test_config_round_trips_through_dict():
@@ -448,3 +456,151 @@ def test_matched_scale_makes_first_adam_step_like_loras(layer, x_shape):
         assert 1 / 1.5 < first_step(kind, "matched") / ref < 1.5, kind
     # Without the rule CP's first step is an order of magnitude smaller than LoRA's.
     assert first_step("cp", "fixed") < ref / 5
+
+
+# -- trainable copies (PEFT's modules_to_save) ---------------------------------------------
+
+def _adam_steps(m, x, idx, steps=2, lr=0.05):
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        m(x, idx).square().mean().backward()
+        opt.step()
+
+
+def test_each_adapter_trains_its_own_head_and_the_pretrained_one_comes_back():
+    m, ref = _net(), _net()
+    x, idx = _inputs()
+    y0 = ref(x, idx).detach()
+    head0 = {k: v.clone() for k, v in ref.head.state_dict().items()}
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv1"], trainable=["head"]), "a")
+    _adam_steps(m, x, idx)
+    ya = m(x, idx).detach()
+    inject(m, AdapterConfig(kind="tucker", ranks=2, target_modules=["conv2"], trainable=["head"]), "b")
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if "head" in n} == {"head.modules_to_save.b.weight", "head.modules_to_save.b.bias"}
+    _adam_steps(m, x, idx)
+    yb = m(x, idx).detach()
+    # The pretrained head is bit-identical after training both adapters.
+    assert all(torch.equal(m.head.original_module.state_dict()[k], v) for k, v in head0.items())
+    assert not torch.equal(m.head.modules_to_save["a"].weight, m.head.modules_to_save["b"].weight)
+    # Each adapter's output = the plain model with that adapter's ΔW and head (independent reference).
+    for name, y in (("a", ya), ("b", yb)):
+        plain = copy.deepcopy(ref)
+        for _, h in adapted_layers(m):
+            if name in h.adapters:
+                getattr(plain, h.layer_name).weight.data += h.adapters[name].delta_weight().detach()
+        plain.head.load_state_dict(m.head.modules_to_save[name].state_dict())
+        torch.testing.assert_close(plain(x, idx), y)
+    set_adapter(m, "a")
+    assert torch.equal(m(x, idx), ya)
+    set_adapter(m, None)
+    assert torch.equal(m(x, idx), y0)
+    set_adapter(m, "b")
+    with disable_adapters(m):
+        assert torch.equal(m(x, idx), y0)
+    assert torch.equal(m(x, idx), yb)
+    delete_adapter(m, "b")  # the active one: nothing active afterwards
+    assert torch.equal(m(x, idx), y0) and list(m.head.modules_to_save) == ["a"]
+    set_adapter(m, "a")
+    assert torch.equal(m(x, idx), ya)
+    delete_adapter(m, "a")
+    assert type(m.head) is nn.Linear and type(m.conv1) is nn.Conv2d
+    assert list(m.state_dict()) == list(ref.state_dict())
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in m.state_dict().items())
+
+
+def test_copy_state_dict_keys_leave_the_originals_where_a_plain_model_reads_them():
+    m, ref = _net(), _net()
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv1"], trainable=["head", "emb"]), "a")
+    _perturb(m)
+    with torch.no_grad():
+        m.head.modules_to_save["a"].weight.add_(1.0)
+    sd = m.state_dict()
+    assert [k for k in sd if k.startswith("head.")] == ["head.weight", "head.bias", "head.modules_to_save.a.weight",
+                                                        "head.modules_to_save.a.bias"]
+    assert torch.equal(sd["head.weight"], ref.head.weight) and torch.equal(sd["emb.weight"], ref.emb.weight)
+    plain = Net().double()
+    missing, unexpected = plain.load_state_dict(sd, strict=False)
+    assert not [k for k in missing if k.startswith(("head", "emb"))]
+    assert torch.equal(plain.head.weight, ref.head.weight)
+    assert all(".modules_to_save." in k or ".base_layer." in k or ".adapters." in k for k in unexpected)
+    again = copy.deepcopy(m)
+    with torch.no_grad():
+        for p in again.parameters():
+            p.zero_()
+    again.load_state_dict(sd)  # strict round trip through the renamed keys
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in sd.items())
+
+
+def test_parameter_entry_copies_its_module_and_trains_only_that_parameter():
+    m, ref = _net(), _net()
+    x, idx = _inputs()
+    inject(m, AdapterConfig(kind="cp", ranks=2, target_modules=["conv2"], trainable=r"head\.bias"))
+    cp = m.head.modules_to_save["default"]
+    assert cp.bias.requires_grad and not cp.weight.requires_grad
+    _adam_steps(m, x, idx)
+    assert torch.equal(cp.weight, ref.head.weight) and not torch.equal(cp.bias, ref.head.bias)
+    assert torch.equal(m.head.original_module.bias, ref.head.bias)
+
+
+def test_trainable_copies_save_and_load_per_adapter(tmp_path):
+    m = _net()
+    x, idx = _inputs()
+    ys = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv1"], trainable=["head"]), name)
+        _perturb(m, seed, only=name)
+        with torch.no_grad():
+            m.head.modules_to_save[name].bias.add_(seed)
+        ys[name] = m(x, idx).detach()
+        save_adapter(m, tmp_path / name, adapter_name=name)
+    fresh = _net()
+    load_adapter(fresh, tmp_path / "a")
+    load_adapter(fresh, tmp_path / "b", is_trainable=False)
+    assert not any(p.requires_grad for p in fresh.parameters())  # the copy stays frozen as well
+    torch.testing.assert_close(fresh(x, idx), ys["b"])
+    set_adapter(fresh, "a")
+    torch.testing.assert_close(fresh(x, idx), ys["a"])
+    assert fresh.head.modules_to_save["a"].bias.requires_grad
+    assert torch.equal(fresh.head.original_module.bias, _net().head.bias)
+
+
+def test_merge_and_unload_keeps_the_active_copy():
+    m = _net()
+    x, idx = _inputs()
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv1"], trainable=["head"]), "a")
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv1"], trainable=["head"]), "b")
+    _perturb(m)
+    with torch.no_grad():
+        m.head.modules_to_save["a"].weight.mul_(2.0)
+    set_adapter(m, "a")
+    y = m(x, idx).detach()
+    kept = m.head.modules_to_save["a"]
+    plain = merge_and_unload(m)
+    assert plain.head is kept and type(plain.head) is nn.Linear
+    torch.testing.assert_close(plain(x, idx), y)
+
+
+def test_trainable_that_matches_nothing_or_an_adapted_layer_is_refused():
+    m = _net()
+    before = _state(m)
+    with pytest.raises(tp.TuckerPeftError, match=r"trainable: \['nope'\] matched no module or parameter"):
+        inject(m, AdapterConfig(target_modules=["conv1"], trainable=["head", "nope"]))
+    with pytest.raises(tp.TuckerPeftError, match="trainable: 'conv1' holds or is inside the adapted layer 'conv1'"):
+        inject(m, AdapterConfig(target_modules=["conv1"], trainable=["conv1.bias"]))
+    assert not list(adapted_layers(m)) and all(type(v) is not nn.Module for v in m.children())
+    assert list(m.state_dict()) == list(before) and all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    inject(m, AdapterConfig(target_modules=["conv1"]), "a")
+    with pytest.raises(tp.TuckerPeftError, match="adapted layer 'conv1'"):
+        inject(m, AdapterConfig(target_modules=["conv2"], trainable=["conv1"]), "b")
+
+
+def test_summary_shows_the_copies():
+    m = _net()
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv1"], trainable=["head", "emb.weight"]), "a")
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv1"], trainable=["head"]), "b")
+    rows = [r for r in summary(m).rows if r["kind"] == "copy"]
+    assert sorted((r["layer"], r["adapter"], r["active"], r["params"]) for r in rows) == [
+        ("emb.weight", "a", False, 60), ("head", "a", False, 275), ("head", "b", True, 275)]
+    assert "copy" in str(summary(m))
