@@ -604,3 +604,137 @@ def test_summary_shows_the_copies():
     assert sorted((r["layer"], r["adapter"], r["active"], r["params"]) for r in rows) == [
         ("emb.weight", "a", False, 60), ("head", "a", False, 275), ("head", "b", True, 275)]
     assert "copy" in str(summary(m))
+
+
+# -- budgets never exceed the layer -----------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_budget_is_capped_at_the_weights_size(kind):
+    m = _net()
+    inject(m, AdapterConfig(kind=kind, budget="lora:8", target_modules=["dw", "conv2"]))
+    specs = {h.layer_name: h.adapters["default"].spec for _, h in adapted_layers(m)}
+    # dw (8, 1, 3, 3): LoRA r=8 alone is 8·(8+9) = 136 > 72 parameters of the weight.
+    assert specs["dw"].num_params <= 72
+    assert specs["dw"] == tp.ranks.for_budget(kind, (8, 1, 3, 3), 72)
+    ref = tp.LoRA((12, 8, 3, 3), 8)
+    assert specs["conv2"] == tp.ranks.match(ref, kind) and specs["conv2"].num_params <= 12 * 72
+    rows = {r["layer"]: r for r in summary(m).rows}
+    assert rows["dw"]["clipped"] and not rows["conv2"]["clipped"] and rows["dw"]["percent"] <= 100
+    lines = str(summary(m)).splitlines()
+    assert lines[1].startswith("dw") and lines[1].endswith("clipped") and not lines[2].endswith("clipped")
+
+
+def test_layer_smaller_than_any_adapter_is_skipped_once_or_refused_under_strict():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(300, 1), nn.Linear(8, 8), nn.Linear(200, 1))
+    before = _state(m)
+    with pytest.warns(UserWarning, match=r"skipped 2 layer\(s\).*'0' with weight \(1, 300\).*'2'") as rec:
+        inject(m, AdapterConfig(kind="lora", budget="lora:4", target_modules=["0", "1", "2"]))
+    assert len([w for w in rec if "skipped" in str(w.message)]) == 1
+    assert [h.layer_name for _, h in adapted_layers(m)] == ["1"]
+    m2 = nn.Sequential(nn.Linear(300, 1), nn.Linear(8, 8))
+    sd = _state(m2)
+    with pytest.raises(tp.RankError, match=r"'0' with weight \(1, 300\) \(300 parameters\).*has 301.*strict=True"):
+        inject(m2, AdapterConfig(kind="lora", budget="lora:4", target_modules=["0", "1"], strict=True))
+    assert not list(adapted_layers(m2)) and all(torch.equal(sd[k], v) for k, v in m2.state_dict().items())
+    with pytest.raises(tp.RankError, match="every target is smaller"):
+        inject(nn.Sequential(nn.Linear(300, 1)), AdapterConfig(kind="lora", budget="lora:4", target_modules=["0"]))
+
+
+# -- target_modules='all-linear' --------------------------------------------------------------
+
+def _peft_selection(model, **kw):
+    peft = pytest.importorskip("peft")
+    from peft.tuners.lora import LoraLayer
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules="all-linear", r=2, **kw))
+    return {n for n, mod in pm.base_model.model.named_modules() if isinstance(mod, LoraLayer)}
+
+
+def _our_selection(model):
+    m = inject(copy.deepcopy(model), AdapterConfig(kind="lora", ranks=2, target_modules="all-linear"))
+    return {h.layer_name for _, h in adapted_layers(m)}
+
+
+def _tiny(cls_name, **kw):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if cls_name.startswith("GPT2"):
+        cfg = transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=16, **kw)
+    else:
+        cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=32, max_position_embeddings=16, **kw)
+    return getattr(transformers, cls_name)(cfg)
+
+
+@pytest.mark.parametrize("cls_name, peft_kw", [("BertForMaskedLM", {}), ("BertModel", {}),
+                                               ("BertForSequenceClassification", {"task_type": "SEQ_CLS"}),
+                                               ("GPT2LMHeadModel", {})])
+def test_all_linear_selects_what_peft_selects(cls_name, peft_kw):
+    from tucker_peft.backends.torch._layers import SUPPORTED
+    model = _tiny(cls_name)
+    ours_types = {n for n, mod in model.named_modules() if isinstance(mod, SUPPORTED)}
+    theirs = _peft_selection(model, **peft_kw) & ours_types  # Conv1D counts once the binding supports it
+    if not theirs:  # GPT-2 before the binding adapts Conv1D: PEFT's only nn.Linear is the excluded lm_head
+        with pytest.raises(tp.TuckerPeftError, match="matched nothing"):
+            _our_selection(model)
+        return
+    assert _our_selection(model) == theirs
+    if cls_name != "BertModel":
+        assert "cls.predictions.decoder" not in theirs and "classifier" not in theirs and "lm_head" not in theirs
+
+
+def test_all_linear_on_a_plain_module_is_every_linear():
+    assert _our_selection(_net()) == _peft_selection(_net()) == {"head"}
+    with pytest.raises(tp.TuckerPeftError, match="matched nothing"):
+        inject(nn.Sequential(nn.Conv2d(3, 3, 3)), AdapterConfig(target_modules="all-linear"))
+
+
+# -- inject is all or nothing ---------------------------------------------------------------------
+
+def _snapshot(m):
+    sd = m.state_dict()
+    return (list(sd), {k: v.detach().cpu().numpy().tobytes() for k, v in sd.items()},
+            [(n, type(mod)) for n, mod in m.named_modules()], [(n, p.requires_grad) for n, p in m.named_parameters()],
+            active_adapter(m), adapter_names(m))
+
+
+@pytest.mark.parametrize("fault", ["last-delta", "copy", "set_adapter"])
+@pytest.mark.parametrize("existing", [False, True])
+def test_inject_failure_restores_the_model_exactly(monkeypatch, fault, existing):
+    from torch.nn.utils import parametrize
+    from tucker_peft.backends.torch import _model, _modules_to_save
+    m = _net()
+    x, idx = _inputs()
+    if existing:
+        inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv1", "head"], trainable=["emb"]), "a")
+        _perturb(m)
+    if fault == "set_adapter":  # a real refusal late in inject: an 'hosvd' adapter cannot be switched off
+        inject(m, AdapterConfig(kind="tucker", ranks=2, target_modules=["conv2"], init="hosvd"), "h")
+    y = m(x, idx).detach()
+    before = _snapshot(m)
+    if fault == "last-delta":
+        real = _model.DeltaWeight
+
+        def faulty(spec, *a, **k):
+            if tuple(spec.shape) == (12, 8, 3, 3):
+                raise RuntimeError("injected fault")
+            return real(spec, *a, **k)
+        monkeypatch.setattr(_model, "DeltaWeight", faulty)
+    elif fault == "copy":
+        def boom(*a, **k):
+            raise RuntimeError("injected fault")
+        monkeypatch.setattr(_modules_to_save.ModulesToSave, "add", boom)
+    cfg = AdapterConfig(kind="tucker", ranks=2, target_modules=["dw", "conv1"], init="zero" if existing else "hosvd",
+                        target_parameters=[] if fault == "set_adapter" else ["conv2.weight"],
+                        trainable=["emb"] if existing else ["head.bias"])
+    if fault == "set_adapter":
+        cfg = AdapterConfig(kind="lora", ranks=2, target_modules=["dw"])
+    with pytest.raises((RuntimeError, tp.TuckerPeftError), match="injected fault|cannot be switched off"):
+        inject(m, cfg, "new")
+    after = _snapshot(m)
+    assert after[0] == before[0]                      # same keys, same order
+    assert after[1] == before[1]                      # byte-identical values
+    assert after[2] == before[2] and after[3] == before[3] and after[4:] == before[4:]
+    if not existing and fault != "set_adapter":
+        assert not any(parametrize.is_parametrized(mod) for mod in m.modules())
+    assert torch.equal(m(x, idx), y)
