@@ -16,6 +16,7 @@ from tucker_peft.backends.torch import (AdapterConfig, AdaptedLayer, adapted_lay
                                         active_adapter, delete_adapter, disable_adapters, export_peft_lora, inject, load_adapter,
                                         merge, merge_and_unload, save_adapter, set_adapter, summary,
                                         trainable_parameters, unmerge)
+from tucker_peft.backends.torch._model import adapter_extras, extra_trainable  # noqa: E402
 
 KINDS = ["tucker", "tucker2", "cp", "lora"]
 
@@ -138,10 +139,11 @@ def test_bad_targets_and_ranks_leave_model_unchanged():
 
 def test_inject_freezes_base_and_trains_extra_by_pattern():
     m = _net()
-    inject(m, AdapterConfig(kind="cp", ranks=2, target_modules=TARGETS[:-2], trainable=["head.bias"]))
+    inject(m, AdapterConfig(kind="cp", ranks=2, target_modules=TARGETS, trainable=["head.bias"]))
     names = {n for n, p in m.named_parameters() if p.requires_grad}
-    assert "head.modules_to_save.default.bias" in names
-    assert all(".adapters.default." in n for n in names - {"head.modules_to_save.default.bias"})
+    copy_name = "head.base_layer.parametrizations.bias.0.modules_to_save.default"
+    assert copy_name in names
+    assert all(".adapters.default." in n for n in names - {copy_name})
     assert trainable_parameters(m) == sum(h.adapters["default"].spec.num_params for _, h in adapted_layers(m)) + 5
 
 
@@ -284,10 +286,10 @@ def test_hosvd_adapter_cannot_share_a_weight():
 def test_save_load_round_trip(tmp_path, kind, init):
     m = _net()
     x, idx = _inputs()
-    inject(m, AdapterConfig(kind=kind, ranks=2, target_modules=TARGETS[:-2], init=init, trainable=["head.bias"]))
+    inject(m, AdapterConfig(kind=kind, ranks=2, target_modules=TARGETS, init=init, trainable=["head.bias"]))
     _perturb(m)
     with torch.no_grad():
-        m.head.modules_to_save["default"].bias.add_(1.0)
+        adapter_extras(m, "default")["head.bias"].add_(1.0)
     y = m(x, idx).detach()
     save_adapter(m, tmp_path / "ad")
     assert sorted(os.listdir(tmp_path / "ad")) == ["adapter_config.json", "adapter_model.safetensors"]
@@ -533,15 +535,61 @@ def test_copy_state_dict_keys_leave_the_originals_where_a_plain_model_reads_them
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in sd.items())
 
 
-def test_parameter_entry_copies_its_module_and_trains_only_that_parameter():
+def test_parameter_entries_get_their_own_copies_also_on_adapted_layers():
     m, ref = _net(), _net()
     x, idx = _inputs()
-    inject(m, AdapterConfig(kind="cp", ranks=2, target_modules=["conv2"], trainable=r"head\.bias"))
-    cp = m.head.modules_to_save["default"]
-    assert cp.bias.requires_grad and not cp.weight.requires_grad
+    y0 = ref(x, idx).detach()
+    # head is adapted; its bias, and conv2's (not adapted), are trained per adapter.
+    inject(m, AdapterConfig(kind="cp", ranks=2, target_modules=["conv2", "head"], trainable=r"(head|conv2)\.bias"), "a")
+    extras = adapter_extras(m, "a")
+    assert sorted(extras) == ["conv2.bias", "head.bias"] and all(p.requires_grad for p in extras.values())
+    assert {n for n, p in m.named_parameters() if p.requires_grad and ".adapters." not in n} == {
+        "conv2.base_layer.parametrizations.bias.0.modules_to_save.a",
+        "head.base_layer.parametrizations.bias.0.modules_to_save.a"}
     _adam_steps(m, x, idx)
-    assert torch.equal(cp.weight, ref.head.weight) and not torch.equal(cp.bias, ref.head.bias)
-    assert torch.equal(m.head.original_module.bias, ref.head.bias)
+    ya = m(x, idx).detach()
+    assert not torch.equal(extras["head.bias"], ref.head.bias)
+    assert all(torch.equal(p, getattr(ref, n.split(".")[0]).bias) for n, p in extra_trainable(m, ["head.bias", "conv2.bias"]).items())
+    with disable_adapters(m):
+        assert torch.equal(m(x, idx), y0)
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv1"], trainable=["head.bias"]), "b")
+    assert not extras["head.bias"].requires_grad and adapter_extras(m, "b")["head.bias"].requires_grad
+    set_adapter(m, "a")
+    assert torch.equal(m(x, idx), ya)
+    plain = copy.deepcopy(ref)  # independent reference: ΔW and biases of adapter a put into a plain model
+    for _, h in adapted_layers(m):
+        if "a" in h.adapters:
+            getattr(plain, h.layer_name).weight.data += h.adapters["a"].delta_weight().detach()
+    plain.head.bias.data.copy_(extras["head.bias"])
+    plain.conv2.bias.data.copy_(extras["conv2.bias"])
+    torch.testing.assert_close(plain(x, idx), ya)
+    delete_adapter(m, "a")
+    delete_adapter(m, "b")
+    assert list(m.state_dict()) == list(ref.state_dict())
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in m.state_dict().items())
+    assert all(type(a) is type(b) for a, b in zip(m.modules(), ref.modules()))
+
+
+def test_parameter_copy_keys_and_unload():
+    m, ref = _net(), _net()
+    x, idx = _inputs()
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv1"], trainable=["head.bias"]))
+    with torch.no_grad():
+        adapter_extras(m, "default")["head.bias"].add_(1.0)
+    sd = m.state_dict()
+    assert [k for k in sd if k.startswith("head.")] == ["head.weight", "head.bias",
+                                                        "head.parametrizations.bias.0.modules_to_save.default"]
+    assert torch.equal(sd["head.bias"], ref.head.bias)
+    again = copy.deepcopy(m)
+    with torch.no_grad():
+        for p in again.parameters():
+            p.zero_()
+    again.load_state_dict(sd)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in sd.items())
+    y = m(x, idx).detach()
+    plain = merge_and_unload(m)
+    assert type(plain.head) is nn.Linear and torch.equal(plain.head.bias, ref.head.bias + 1.0)
+    torch.testing.assert_close(plain(x, idx), y)
 
 
 def test_trainable_copies_save_and_load_per_adapter(tmp_path):
@@ -587,8 +635,10 @@ def test_trainable_that_matches_nothing_or_an_adapted_layer_is_refused():
     before = _state(m)
     with pytest.raises(tp.TuckerPeftError, match=r"trainable: \['nope'\] matched no module or parameter"):
         inject(m, AdapterConfig(target_modules=["conv1"], trainable=["head", "nope"]))
-    with pytest.raises(tp.TuckerPeftError, match="trainable: 'conv1' holds or is inside the adapted layer 'conv1'"):
-        inject(m, AdapterConfig(target_modules=["conv1"], trainable=["conv1.bias"]))
+    with pytest.raises(tp.TuckerPeftError, match="trainable: module 'conv1' holds or is inside the adapted layer 'conv1'"):
+        inject(m, AdapterConfig(target_modules=["conv1"], trainable=["conv1"]))
+    with pytest.raises(tp.TuckerPeftError, match="trainable: 'conv1.weight' is an adapted weight"):
+        inject(m, AdapterConfig(target_modules=["conv1"], trainable=["conv1.weight"]))
     assert not list(adapted_layers(m)) and all(type(v) is not nn.Module for v in m.children())
     assert list(m.state_dict()) == list(before) and all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     inject(m, AdapterConfig(target_modules=["conv1"]), "a")
@@ -720,13 +770,16 @@ def test_inject_failure_restores_the_model_exactly(monkeypatch, fault, existing)
                 raise RuntimeError("injected fault")
             return real(spec, *a, **k)
         monkeypatch.setattr(_model, "DeltaWeight", faulty)
-    elif fault == "copy":
-        def boom(*a, **k):
+    elif fault == "copy":  # after the last copy (of a parameter) was made
+        real_add = _modules_to_save._add_param_copy
+
+        def late(*a, **k):
+            real_add(*a, **k)
             raise RuntimeError("injected fault")
-        monkeypatch.setattr(_modules_to_save.ModulesToSave, "add", boom)
+        monkeypatch.setattr(_modules_to_save, "_add_param_copy", late)
     cfg = AdapterConfig(kind="tucker", ranks=2, target_modules=["dw", "conv1"], init="zero" if existing else "hosvd",
                         target_parameters=[] if fault == "set_adapter" else ["conv2.weight"],
-                        trainable=["emb"] if existing else ["head.bias"])
+                        trainable=["emb", "head.bias"])
     if fault == "set_adapter":
         cfg = AdapterConfig(kind="lora", ranks=2, target_modules=["dw"])
     with pytest.raises((RuntimeError, tp.TuckerPeftError), match="injected fault|cannot be switched off"):

@@ -149,10 +149,10 @@ class AdapterConfig:
         An entry (a name, matched as a full name or dotted suffix, or one regex
         matched against full names) that names a module takes the whole module;
         otherwise it is matched against parameter names (``'6.bias'``,
-        ``r'.*norm.*'``), and the module owning each such parameter is copied
-        with only those parameters trainable. An entry that matches nothing is
-        an error, as is a module that holds an adapted layer. The copies are
-        saved with the adapter.
+        ``r'.*norm.*'``), and each such parameter alone gets a copy per adapter
+        (biases of adapted layers included). An entry that matches nothing is
+        an error, as is a module that holds an adapted layer or an adapted
+        weight itself. The copies are saved with the adapter.
     scale_rule : {'matched', 'fixed'}
         ``'fixed'``: s = alpha for every kind. ``'matched'`` (default): Tucker and CP
         start from orthonormal factors and s = alpha · √(out·r_L/3) / √(n₀),

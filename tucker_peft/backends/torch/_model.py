@@ -207,7 +207,7 @@ def plan(model: nn.Module, config: AdapterConfig, adapter_name: str) -> list[Tar
             raise LayerTooSmall("every target is smaller than its smallest adapter: " + "; ".join(skipped))
         warnings.warn(f"skipped {len(skipped)} layer(s) where any adapter would be larger than the weight "
                       "(strict=True refuses instead): " + "; ".join(skipped), stacklevel=3)
-    _mts.resolve(model, config.trainable, tuple(t.module_path for t in out))  # errors before the model changes
+    _mts.resolve(model, config.trainable, tuple(t.path for t in out))  # errors before the model changes
     return out
 
 
@@ -226,6 +226,9 @@ def _orthonormal_factors(spec: Parametrization, params: dict[str, torch.Tensor])
 
 
 def _check_free(mod: nn.Module, attr: str, path: str, adapter_name: str, init: str) -> None:
+    if parametrize.is_parametrized(mod, attr) and any(isinstance(p, _mts.ParameterCopies) for p in mod.parametrizations[attr]):
+        raise TuckerPeftError(f"{path!r} has trainable copies (AdapterConfig.trainable), so it cannot also be adapted; "
+                              "expected a weight that no adapter lists in trainable")
     hook = _hook(mod, attr)
     if hook is None:
         return
@@ -357,13 +360,18 @@ def extra_trainable(model: nn.Module, patterns: Any) -> dict[str, nn.Parameter]:
         If an entry matches nothing, or names an adapted layer.
     """
     out: dict[str, nn.Parameter] = {}
-    for path, names in _mts.resolve(model, patterns).items():
+    res = _mts.resolve(model, patterns)
+    for path, names in res.modules.items():
         mod = model.get_submodule(path)
         if isinstance(mod, _mts.ModulesToSave):
             mod = mod.original_module
         for n, p in mod.named_parameters():
             if names is None or n in names:
                 out[f"{path}.{n}"] = p
+    for name, (owner, attr) in res.params.items():
+        mod = model.get_submodule(owner)
+        out[name] = mod.parametrizations[attr].original if parametrize.is_parametrized(mod, attr) \
+            else mod._parameters[attr]
     return out
 
 

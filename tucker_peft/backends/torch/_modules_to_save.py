@@ -4,8 +4,9 @@ A module named by ``trainable`` is wrapped in :class:`ModulesToSave`, which
 holds the original (never trained) and one deep copy per adapter. The forward
 runs the active adapter's copy, or the original when adapters are off or the
 active adapter has no copy. A ``trainable`` entry that names parameters
-(``'6.bias'``) copies the module that owns them, with only those parameters
-trainable in the copy.
+(``'6.bias'``, also the bias of an adapted layer) gets the same per parameter:
+:class:`ParameterCopies`, a ``torch.nn.utils.parametrize`` hook that hands out
+the active adapter's copy of that parameter alone.
 
 State-dict keys: the original's tensors keep the module's own keys
 (``classifier.weight``), so a plain model loads them; the copies sit under
@@ -15,15 +16,18 @@ State-dict keys: the original's tensors keep the module's own keys
 from __future__ import annotations
 
 import copy
+import functools
 import re
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..._errors import TuckerPeftError, fmt_shape
 
-__all__ = ["ModulesToSave"]
+__all__ = ["ModulesToSave", "ParameterCopies"]
 
 ORIGINAL = "original_module"
 COPIES = "modules_to_save"
@@ -122,6 +126,79 @@ def _load_hook(module: ModulesToSave, state_dict: dict[str, Any], prefix: str, *
             state_dict[prefix + ORIGINAL + "." + rest] = state_dict.pop(k)
 
 
+class ParameterCopies(nn.Module):
+    """A parametrization: one parameter's copy per adapter; the active adapter's copy, or the original, is used.
+
+    For ``trainable`` entries that name parameters (``'head.bias'``), also of
+    adapted layers. The owner's state-dict key of the parameter stays its own
+    (``head.bias``); copies sit at ``head.parametrizations.bias.0.modules_to_save.<adapter>``.
+    """
+
+    def __init__(self, name: str = "") -> None:
+        super().__init__()
+        self.modules_to_save = nn.ParameterDict()
+        self.active_adapter: str | None = None
+        self.layer_name = name
+        self.handles: list[Any] = []
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        a = self.active_adapter
+        return original if a is None else self.modules_to_save[a]
+
+    def set_active(self, adapter: str | None, trainable: bool = True) -> None:
+        self.active_adapter = adapter if adapter in self.modules_to_save else None
+        for n, p in self.modules_to_save.items():
+            p.requires_grad_(trainable and n == self.active_adapter)
+
+
+def _param_state_dict_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any, *,
+                           attr: str) -> None:
+    """``prefix.parametrizations.ATTR.original`` → ``prefix.ATTR``, in place in the key order."""
+    old = f"{prefix}parametrizations.{attr}.original"
+    if old not in state_dict:
+        return
+    items = [(k, state_dict.pop(k)) for k in [k for k in state_dict if k.startswith(prefix)]]
+    for k, v in items:
+        state_dict[prefix + attr if k == old else k] = v
+
+
+def _param_load_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any, attr: str) -> None:
+    if prefix + attr in state_dict:
+        state_dict[f"{prefix}parametrizations.{attr}.original"] = state_dict.pop(prefix + attr)
+
+
+def _param_copies(model: nn.Module) -> Iterator[tuple[nn.Module, str, ParameterCopies]]:
+    for mod in model.modules():
+        if parametrize.is_parametrized(mod):
+            for attr, plist in mod.parametrizations.items():
+                for pc in plist:
+                    if isinstance(pc, ParameterCopies):
+                        yield mod, attr, pc
+
+
+def _add_param_copy(mod: nn.Module, attr: str, clean: str, adapter: str, undo: list[Callable[[], None]]) -> None:
+    pc = next((p for p in mod.parametrizations[attr] if isinstance(p, ParameterCopies)), None) \
+        if parametrize.is_parametrized(mod, attr) else None
+    if pc is None:
+        pc = ParameterCopies(clean)
+        parametrize.register_parametrization(mod, attr, pc, unsafe=True)
+        pc.handles = [mod.register_state_dict_post_hook(functools.partial(_param_state_dict_hook, attr=attr)),
+                      mod.register_load_state_dict_pre_hook(functools.partial(_param_load_hook, attr=attr))]
+        undo.append(lambda: _remove_param_copies(mod, attr, pc, leave=False))
+    if adapter in pc.modules_to_save:
+        raise TuckerPeftError(f"adapter_name: {adapter!r} already has a copy of {clean!r}; expected a new name")
+    original = mod.parametrizations[attr].original
+    pc.modules_to_save[adapter] = nn.Parameter(original.detach().clone(), requires_grad=False)
+    undo.append(lambda: pc.modules_to_save.pop(adapter))
+
+
+def _remove_param_copies(mod: nn.Module, attr: str, pc: ParameterCopies, leave: bool) -> None:
+    """Back to a plain parameter: the original (``leave=False``) or the value in use now."""
+    for h in pc.handles:
+        h.remove()
+    parametrize.remove_parametrizations(mod, attr, leave_parametrized=leave)
+
+
 # -- resolving AdapterConfig.trainable --------------------------------------------------
 
 def _internal(name: str) -> bool:
@@ -135,59 +212,105 @@ def _clean(name: str) -> str:
     return re.sub(r"(^|\.)parametrizations\.([^.]+)\.original$", r"\1\2", name)
 
 
+def _clean_path(name: str) -> str:
+    return _clean(name + ".")[:-1] if name else name
+
+
 def _matches(name: str, entry: str, regex: bool) -> bool:
     if regex:
         return re.fullmatch(entry, name) is not None
     return name == entry or name.endswith("." + entry)
 
 
-def resolve(model: nn.Module, patterns: Any, targets: tuple[str, ...] = ()) -> dict[str, frozenset[str] | None]:
-    """What ``patterns`` designates: module path → parameter names in it to train (None: all).
+@dataclass
+class Resolved:
+    """What ``AdapterConfig.trainable`` designates in a model (names as in the unadapted model)."""
 
-    Paths are those of the wrapped module, as in the unadapted model.
-    ``targets`` are module paths about to be adapted (they may not be copied).
+    modules: dict[str, frozenset[str] | None] = field(default_factory=dict)  # path → params to train (None: all)
+    params: dict[str, tuple[str, str]] = field(default_factory=dict)  # name → (raw owner path, attr)
+
+
+def resolve(model: nn.Module, patterns: Any, targets: tuple[str, ...] = ()) -> Resolved:
+    """Resolve ``patterns`` against ``model``; ``targets`` are parameter paths about to be adapted.
+
+    Raises
+    ------
+    TuckerPeftError
+        For an entry that matches nothing, a module copy that would hold an
+        adapted layer, or a parameter that is itself adapted.
     """
+    from ._layers import AdaptedLayer, DeltaParametrization
+    out = Resolved()
     if patterns is None:
-        return {}
+        return out
     regex = isinstance(patterns, str)
     entries = [patterns] if regex else list(patterns)
-    units: dict[str, frozenset[str] | None] = {}
-    wrapped = {n: m for n, m in model.named_modules() if isinstance(m, ModulesToSave)}
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, ModulesToSave)]
+    adapted_w = set(targets)                              # adapted weights (clean names)
+    adapted_m = {t.rpartition(".")[0] for t in targets}   # modules holding them
+    param_copied: set[str] = set()                        # modules with parameter copies
+    modules: dict[str, str] = {}
+    for n, m in model.named_modules():
+        c = _clean_path(n)
+        if isinstance(m, AdaptedLayer):
+            adapted_m.add(c)
+            adapted_w.add(f"{c}.weight" if c else "weight")
+        if parametrize.is_parametrized(m):
+            for attr, plist in m.parametrizations.items():
+                if any(isinstance(h, DeltaParametrization) for h in plist):
+                    adapted_m.add(c)
+                    adapted_w.add(f"{c}.{attr}" if c else attr)
+                if any(isinstance(h, ParameterCopies) for h in plist):
+                    param_copied.add(c)
+        parts = n.split(".")
+        if n and not any(p in parts for p in _ADAPTED + (COPIES,)) and parts[-1] != ORIGINAL:
+            modules[c] = n
+    params: dict[str, tuple[str, str]] = {}
+    for n, _ in model.named_parameters():
+        parts = n.split(".")
+        if "adapters" in parts or COPIES in parts:
+            continue
+        raw_owner, attr = (n.split(".parametrizations.")[0] if ".parametrizations." in f".{n}" else n.rpartition(".")[0],
+                           parts[-2] if parts[-1] == "original" and "parametrizations" in parts else parts[-1])
+        if n.startswith("parametrizations."):
+            raw_owner = ""
+        params[_clean(n)] = (raw_owner, attr)
 
-    def owner(path: str) -> tuple[str, str]:
-        """The unit a module path belongs to: an existing wrapper above it, else itself; and the rest."""
+    def wrapper_of(path: str) -> tuple[str, str] | None:
         for w in wrapped:
             if path == w or path.startswith(w + "."):
                 return w, path[len(w) + 1:]
-        return path, ""
+        return None
 
-    adapted = set()  # clean module paths that hold an adapter (they may not be copied)
-    for n, _ in model.named_modules():
-        parts = n.split(".")
-        for marker in ("base_layer", "parametrizations"):
-            if marker in parts:
-                adapted.add(_clean(".".join(parts[:parts.index(marker)]) + ".x")[:-2])
-    adapted |= set(targets)
-    modules = {_clean(n): m for n, m in model.named_modules()
-               if n and not any(p in n.split(".") for p in _ADAPTED + (COPIES,)) and not n.endswith(ORIGINAL)}
-    params: dict[str, tuple[str, str]] = {}
-    for n, p in model.named_parameters():
-        parts = n.split(".")
-        if COPIES in parts or "adapters" in parts:
-            continue
-        clean = _clean(n)
-        params[clean] = (clean.rpartition(".")[0], clean.rpartition(".")[2])
-
-    def add(path: str, names: frozenset[str] | None) -> None:
-        bad = [a for a in adapted if a == path or a.startswith(path + ".") or path.startswith(a + ".")]
+    def add_module(path: str, names: frozenset[str] | None) -> None:
+        bad = [a for a in adapted_m if a == path or a.startswith(path + ".") or path.startswith(a + ".")]
         if bad:
-            raise TuckerPeftError(f"trainable: {path!r} holds or is inside the adapted layer {sorted(bad)[0]!r}; "
-                                  "expected modules or parameters outside the adapted layers")
-        unit, rest = owner(path)
-        if rest:  # inside a module that is already copied: train that part of it
-            names = frozenset(f"{rest}.{k}" for k in (names if names is not None else _param_names(modules[path])))
-        old = units.get(unit, frozenset())
-        units[unit] = None if names is None or old is None else old | names
+            raise TuckerPeftError(f"trainable: module {path!r} holds or is inside the adapted layer {sorted(bad)[0]!r}; "
+                                  "expected modules outside the adapted layers (name a parameter, e.g. its bias, to "
+                                  "train it alone)")
+        inner = [a for a in param_copied if a == path or a.startswith(path + ".")]
+        if inner:
+            raise TuckerPeftError(f"trainable: module {path!r} holds parameters that another adapter copies alone "
+                                  f"(in {sorted(inner)[0]!r}); expected the same entries for every adapter")
+        w = wrapper_of(path)
+        if w is not None and w[1]:  # inside a module that is already copied: train that part of it
+            sub = model.get_submodule(modules[path])
+            names = frozenset(f"{w[1]}.{k}" for k in (names if names is not None else [n for n, _ in sub.named_parameters()]))
+            path = w[0]
+        old = out.modules.get(path, frozenset())
+        out.modules[path] = None if names is None or old is None else old | names
+
+    def add_param(name: str) -> None:
+        if name in adapted_w:
+            raise TuckerPeftError(f"trainable: {name!r} is an adapted weight; expected other parameters "
+                                  "(biases, norms) or modules")
+        raw_owner, attr = params[name]
+        owner = name.rpartition(".")[0]
+        w = wrapper_of(owner) if owner else None
+        if w is not None:
+            add_module(owner, frozenset([attr]))
+        else:
+            out.params[name] = (raw_owner, attr)
 
     unmatched = []
     for e in entries:
@@ -198,22 +321,17 @@ def resolve(model: nn.Module, patterns: Any, targets: tuple[str, ...] = ()) -> d
             unmatched.append(e)
             continue
         for n in mods:
-            add(n, None)
-        by_owner: dict[str, set[str]] = {}
+            add_module(n, None)
         for n in hits:
-            mod, attr = params[n]
-            by_owner.setdefault(mod, set()).add(attr)
-        for mod, attrs in by_owner.items():
-            add(mod, frozenset(attrs))
+            add_param(n)
     if unmatched:
         listing = ", ".join(repr(n) for n in list(modules)[:12]) + (" ..." if len(modules) > 12 else "")
         raise TuckerPeftError(f"trainable: {unmatched!r} matched no module or parameter; expected names "
                               f"(full, or a suffix after a dot) or a regex of modules such as {listing}")
-    return units
-
-
-def _param_names(mod: nn.Module) -> list[str]:
-    return [n for n, _ in mod.named_parameters()]
+    for name in list(out.params):  # a parameter inside a module copied as a whole comes with it
+        if any(name.startswith(u + ".") for u, names in out.modules.items() if names is None):
+            del out.params[name]
+    return out
 
 
 # -- model-level operations ------------------------------------------------------------
@@ -229,10 +347,9 @@ def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def add_copies(model: nn.Module, adapter: str, units: dict[str, frozenset[str] | None],
-               undo: list[Callable[[], None]]) -> None:
-    """Give ``adapter`` a copy of each unit (wrapping it first); ``undo`` collects how to take it back."""
-    for path, names in units.items():
+def add_copies(model: nn.Module, adapter: str, res: Resolved, undo: list[Callable[[], None]]) -> None:
+    """Give ``adapter`` its copies (wrapping modules first); ``undo`` collects how to take them back."""
+    for path, names in res.modules.items():
         mod = model.get_submodule(path)
         if not isinstance(mod, ModulesToSave):
             w = ModulesToSave(mod, path)
@@ -243,12 +360,20 @@ def add_copies(model: nn.Module, adapter: str, units: dict[str, frozenset[str] |
             raise TuckerPeftError(f"adapter_name: {adapter!r} already has a copy of {path!r}; expected a new name")
         mod.add(adapter, names)
         undo.append(lambda mod=mod: mod.remove(adapter))
+    for name, (raw_owner, attr) in res.params.items():
+        _add_param_copy(model.get_submodule(raw_owner), attr, name, adapter, undo)
+
+
+def _switchable(model: nn.Module) -> Iterator[tuple[str, ModulesToSave | ParameterCopies]]:
+    yield from wrappers(model)
+    for _, _, pc in _param_copies(model):
+        yield pc.layer_name, pc
 
 
 def check_active(model: nn.Module, names: Any) -> None:
     """Several active adapters may not each have a copy of one module (which would run?)."""
     names = _names(names)
-    for path, w in wrappers(model):
+    for path, w in _switchable(model):
         have = [n for n in names if n in w.modules_to_save]
         if len(have) > 1:
             raise TuckerPeftError(f"adapter_name: {have} each have their own copy of {path!r}, and only one copy "
@@ -259,7 +384,7 @@ def set_active(model: nn.Module, names: Any, trainable: bool = True) -> None:
     """Run the copies of the active adapter(s) ``names`` (None: the originals)."""
     names = _names(names)
     check_active(model, names)
-    for _, w in wrappers(model):
+    for _, w in _switchable(model):
         have = [n for n in names if n in w.modules_to_save]
         w.set_active(have[0] if have else None, trainable)
 
@@ -270,32 +395,41 @@ def _names(names: Any) -> tuple[str, ...]:
     return (names,) if isinstance(names, str) else tuple(names)
 
 
-def switch_off(model: nn.Module) -> list[tuple[ModulesToSave, str | None]]:
+def switch_off(model: nn.Module) -> list[tuple[Any, str | None]]:
     """Run the originals; returns what :func:`switch_back` restores."""
-    saved = [(w, w.active_adapter) for _, w in wrappers(model)]
+    saved = [(w, w.active_adapter) for _, w in _switchable(model)]
     for w, _ in saved:
         w.active_adapter = None
     return saved
 
 
-def switch_back(saved: list[tuple[ModulesToSave, str | None]]) -> None:
+def switch_back(saved: list[tuple[Any, str | None]]) -> None:
     for w, a in saved:
         w.active_adapter = a
 
 
 def delete(model: nn.Module, adapter: str) -> None:
-    """Drop ``adapter``'s copies; a module left without copies is the plain original again."""
+    """Drop ``adapter``'s copies; a module or parameter left without copies is the plain original again."""
     for path, w in list(wrappers(model)):
         if adapter in w.modules_to_save:
             w.remove(adapter)
             if not len(w.modules_to_save):
                 _set_module(model, path, w.original_module)
+    for mod, attr, pc in list(_param_copies(model)):
+        if adapter in pc.modules_to_save:
+            pc.modules_to_save.pop(adapter)
+            if pc.active_adapter == adapter:
+                pc.active_adapter = None
+            if not len(pc.modules_to_save):
+                _remove_param_copies(mod, attr, pc, leave=False)
 
 
 def unload(model: nn.Module) -> None:
     """Each wrapper becomes the module that runs now (the active adapter's copy, else the original)."""
     for path, w in list(wrappers(model)):
         _set_module(model, path, w.active_module)
+    for mod, attr, pc in list(_param_copies(model)):
+        _remove_param_copies(mod, attr, pc, leave=True)
 
 
 def extras(model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
@@ -305,6 +439,9 @@ def extras(model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
         if adapter in w.modules_to_save:
             for n, p in w.trained_parameters(adapter).items():
                 out[_clean(f"{path}.{n}")] = p
+    for _, _, pc in _param_copies(model):
+        if adapter in pc.modules_to_save:
+            out[pc.layer_name] = pc.modules_to_save[adapter]
     return out
 
 
@@ -315,11 +452,16 @@ def summary_rows(model: nn.Module) -> list[dict[str, Any]]:
         for n in w.modules_to_save:
             ps = w.trained_parameters(n)
             count = sum(p.numel() for p in ps.values())
-            shape = tuple(next(iter(ps.values())).shape) if len(ps) == 1 else None
-            rows.append(dict(layer=path + ("." + next(iter(ps)) if len(ps) == 1 and w.trained[n] else ""),
-                             type=type(w.original_module).__name__, shape=shape, adapter=n,
-                             active=n == w.active_adapter, kind="copy", ranks="-", params=count,
+            one = len(ps) == 1 and w.trained[n] is not None
+            rows.append(dict(layer=path + ("." + next(iter(ps)) if one else ""),
+                             type=type(w.original_module).__name__, shape=tuple(next(iter(ps.values())).shape) if one else None,
+                             adapter=n, active=n == w.active_adapter, kind="copy", ranks="-", params=count,
                              percent=100.0 * count / max(1, total), clipped=False))
+    for mod, _, pc in _param_copies(model):
+        for n, p in pc.modules_to_save.items():
+            rows.append(dict(layer=pc.layer_name, type="Parameter", shape=tuple(p.shape), adapter=n,
+                             active=n == pc.active_adapter, kind="copy", ranks="-", params=p.numel(), percent=100.0,
+                             clipped=False))
     return rows
 
 
