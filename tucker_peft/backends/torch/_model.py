@@ -270,7 +270,7 @@ def apply_plan(model: nn.Module, targets: list[Target], adapter_name: str, confi
     undo: list[Callable[[], None]] = []
     flags = [(p, p.requires_grad) for p in model.parameters()]
     states = [(h, _plain_state(h)) for _, h in adapted_layers(model)] + \
-             [(w, _plain_state(w)) for _, w in _mts.wrappers(model)]
+             [(w, _plain_state(w)) for _, w in _mts.switchable(model)]
     try:
         _attach(model, targets, adapter_name, config, undo)
         _mts.add_copies(model, adapter_name, _mts.resolve(model, config.trainable), undo)
@@ -287,8 +287,8 @@ def apply_plan(model: nn.Module, targets: list[Target], adapter_name: str, confi
 
 
 def _plain_state(obj: nn.Module) -> dict[str, Any]:
-    """A hook's own immutable attributes (active adapter(s), merged), to restore on failure."""
-    return {k: v for k, v in vars(obj).items() if not k.startswith("_") and isinstance(v, (str, tuple, type(None)))}
+    """A hook's immutable attributes (active adapter(s), merged...), to restore on failure."""
+    return {k: v for k, v in vars(obj).items() if isinstance(v, (str, tuple, frozenset, bool, int, float, type(None)))}
 
 
 def _attach(model: nn.Module, targets: list[Target], adapter_name: str, config: AdapterConfig,
@@ -577,7 +577,7 @@ class Summary:
         pct = 100.0 * self.trainable / max(1, self.total)
         lines.append(f"trainable: {self.trainable:,} of {self.total:,} parameters ({pct:.3f}%); * = active")
         if any(r["kind"] == "copy" for r in self.rows):
-            lines.append("copy = the adapter's own trainable copy of a module (AdapterConfig.trainable)")
+            lines.append("copy = the adapter's own trainable copy of a module or parameter (AdapterConfig.trainable)")
         if any(r["clipped"] for r in self.rows):
             lines.append("clipped = the budget would give an adapter larger than the weight; capped at its size")
         return "\n".join(lines)

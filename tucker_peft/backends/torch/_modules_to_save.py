@@ -364,7 +364,7 @@ def add_copies(model: nn.Module, adapter: str, res: Resolved, undo: list[Callabl
         _add_param_copy(model.get_submodule(raw_owner), attr, name, adapter, undo)
 
 
-def _switchable(model: nn.Module) -> Iterator[tuple[str, ModulesToSave | ParameterCopies]]:
+def switchable(model: nn.Module) -> Iterator[tuple[str, ModulesToSave | ParameterCopies]]:
     yield from wrappers(model)
     for _, _, pc in _param_copies(model):
         yield pc.layer_name, pc
@@ -373,7 +373,7 @@ def _switchable(model: nn.Module) -> Iterator[tuple[str, ModulesToSave | Paramet
 def check_active(model: nn.Module, names: Any) -> None:
     """Several active adapters may not each have a copy of one module (which would run?)."""
     names = _names(names)
-    for path, w in _switchable(model):
+    for path, w in switchable(model):
         have = [n for n in names if n in w.modules_to_save]
         if len(have) > 1:
             raise TuckerPeftError(f"adapter_name: {have} each have their own copy of {path!r}, and only one copy "
@@ -384,7 +384,7 @@ def set_active(model: nn.Module, names: Any, trainable: bool = True) -> None:
     """Run the copies of the active adapter(s) ``names`` (None: the originals)."""
     names = _names(names)
     check_active(model, names)
-    for _, w in _switchable(model):
+    for _, w in switchable(model):
         have = [n for n in names if n in w.modules_to_save]
         w.set_active(have[0] if have else None, trainable)
 
@@ -397,7 +397,7 @@ def _names(names: Any) -> tuple[str, ...]:
 
 def switch_off(model: nn.Module) -> list[tuple[Any, str | None]]:
     """Run the originals; returns what :func:`switch_back` restores."""
-    saved = [(w, w.active_adapter) for _, w in _switchable(model)]
+    saved = [(w, w.active_adapter) for _, w in switchable(model)]
     for w, _ in saved:
         w.active_adapter = None
     return saved
