@@ -674,6 +674,16 @@ def test_budget_is_capped_at_the_weights_size(kind):
     assert lines[1].startswith("dw") and lines[1].endswith("clipped") and not lines[2].endswith("clipped")
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_depthwise_kernel_of_the_report_gets_at_most_its_own_size(kind):
+    shape = (16, 1, 3, 3)
+    assert tp.ranks.match(tp.LoRA(shape, 8), "tucker").num_params > 144  # the case of the report: 134.7 %
+    m = inject(nn.Sequential(nn.Conv2d(16, 16, 3, groups=16)), AdapterConfig(kind=kind, budget="lora:8",
+                                                                             target_modules=["0"]))
+    (row,) = summary(m).rows
+    assert row["percent"] <= 100 and row["clipped"] and row["params"] == tp.ranks.for_budget(kind, shape, 144).num_params
+
+
 def test_layer_smaller_than_any_adapter_is_skipped_once_or_refused_under_strict():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(300, 1), nn.Linear(8, 8), nn.Linear(200, 1))
@@ -791,3 +801,13 @@ def test_inject_failure_restores_the_model_exactly(monkeypatch, fault, existing)
     if not existing and fault != "set_adapter":
         assert not any(parametrize.is_parametrized(mod) for mod in m.modules())
     assert torch.equal(m(x, idx), y)
+
+
+def test_two_active_adapters_may_not_both_bring_a_copy_of_one_module():
+    from tucker_peft.backends.torch import _modules_to_save
+    m = _net()
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv1"], trainable=["head"]), "a")
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv2"], trainable=["head", "emb"]), "b")
+    with pytest.raises(tp.TuckerPeftError, match=r"\['a', 'b'\] each have their own copy of 'head'"):
+        _modules_to_save.set_active(m, ["a", "b"])
+    assert m.head.active_adapter == "b" and m.emb.active_adapter == "b"
