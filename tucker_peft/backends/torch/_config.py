@@ -297,15 +297,12 @@ class AdapterConfig:
         numel = math.prod(shape)
         if n <= numel or _ranks.for_budget(self.kind, shape, n, **self.kind_options).num_params <= numel:
             return n, False
-        smallest = self.smallest_for(shape)
-        if smallest.num_params > numel:
-            raise LayerTooSmall(f"layer {name!r} with weight {fmt_shape(shape)} ({numel} parameters): the smallest "
-                                f"{self.kind!r} adapter, {smallest!r}, has {smallest.num_params}")
+        try:
+            _ranks.for_budget(self.kind, shape, numel, **self.kind_options)
+        except RankError as exc:
+            raise LayerTooSmall(f"layer {name!r} with weight {fmt_shape(shape)} ({numel} parameters) is smaller "
+                                f"than any {self.kind!r} adapter: {exc}") from None
         return numel, True
-
-    def smallest_for(self, shape: tuple[int, ...]) -> Parametrization:
-        """The kind's smallest spec under ``kind_options`` (its budget family at 1)."""
-        return lookup(self.kind).budget_family(shape, **self.kind_options)[0](1)
 
 
 def matched_factor(spec: Parametrization) -> float:
