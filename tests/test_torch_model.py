@@ -692,6 +692,7 @@ def test_layer_smaller_than_any_adapter_is_skipped_once_or_refused_under_strict(
         inject(m, AdapterConfig(kind="lora", budget="lora:4", target_modules=["0", "1", "2"]))
     assert len([w for w in rec if "skipped" in str(w.message)]) == 1
     assert [h.layer_name for _, h in adapted_layers(m)] == ["1"]
+    assert type(m[0]) is type(m[2]) is nn.Linear and torch.equal(m[0].weight, before["0.weight"])
     m2 = nn.Sequential(nn.Linear(300, 1), nn.Linear(8, 8))
     sd = _state(m2)
     with pytest.raises(tp.RankError, match=r"'0' with weight \(1, 300\) \(300 parameters\).*needs at least 301.*strict=True"):

@@ -226,7 +226,8 @@ def _orthonormal_factors(spec: Parametrization, params: dict[str, torch.Tensor])
 
 
 def _check_free(mod: nn.Module, attr: str, path: str, adapter_name: str, init: str) -> None:
-    if parametrize.is_parametrized(mod, attr) and any(isinstance(p, _mts.ParameterCopies) for p in mod.parametrizations[attr]):
+    if parametrize.is_parametrized(mod, attr) and \
+            any(isinstance(p, _mts.ParameterCopies) for p in mod.parametrizations[attr]):
         raise TuckerPeftError(f"{path!r} has trainable copies (AdapterConfig.trainable), so it cannot also be adapted; "
                               "expected a weight that no adapter lists in trainable")
     hook = _hook(mod, attr)

@@ -270,10 +270,11 @@ def resolve(model: nn.Module, patterns: Any, targets: tuple[str, ...] = ()) -> R
         parts = n.split(".")
         if "adapters" in parts or COPIES in parts:
             continue
-        raw_owner, attr = (n.split(".parametrizations.")[0] if ".parametrizations." in f".{n}" else n.rpartition(".")[0],
-                           parts[-2] if parts[-1] == "original" and "parametrizations" in parts else parts[-1])
-        if n.startswith("parametrizations."):
-            raw_owner = ""
+        if "parametrizations" in parts and parts[-1] == "original":  # a parametrized tensor: owner.parametrizations.A
+            i = parts.index("parametrizations")
+            raw_owner, attr = ".".join(parts[:i]), parts[i + 1]
+        else:
+            raw_owner, attr = n.rpartition(".")[0], parts[-1]
         params[_clean(n)] = (raw_owner, attr)
 
     def wrapper_of(path: str) -> tuple[str, str] | None:
@@ -285,7 +286,8 @@ def resolve(model: nn.Module, patterns: Any, targets: tuple[str, ...] = ()) -> R
     def add_module(path: str, names: frozenset[str] | None) -> None:
         bad = [a for a in adapted_m if a == path or a.startswith(path + ".") or path.startswith(a + ".")]
         if bad:
-            raise TuckerPeftError(f"trainable: module {path!r} holds or is inside the adapted layer {sorted(bad)[0]!r}; "
+            raise TuckerPeftError(f"trainable: module {path!r} holds or is inside the adapted layer "
+                                  f"{sorted(bad)[0]!r}; "
                                   "expected modules outside the adapted layers (name a parameter, e.g. its bias, to "
                                   "train it alone)")
         inner = [a for a in param_copied if a == path or a.startswith(path + ".")]
@@ -295,7 +297,8 @@ def resolve(model: nn.Module, patterns: Any, targets: tuple[str, ...] = ()) -> R
         w = wrapper_of(path)
         if w is not None and w[1]:  # inside a module that is already copied: train that part of it
             sub = model.get_submodule(modules[path])
-            names = frozenset(f"{w[1]}.{k}" for k in (names if names is not None else [n for n, _ in sub.named_parameters()]))
+            own = names if names is not None else [n for n, _ in sub.named_parameters()]
+            names = frozenset(f"{w[1]}.{k}" for k in own)
             path = w[0]
         old = out.modules.get(path, frozenset())
         out.modules[path] = None if names is None or old is None else old | names
@@ -454,7 +457,8 @@ def summary_rows(model: nn.Module) -> list[dict[str, Any]]:
             count = sum(p.numel() for p in ps.values())
             one = len(ps) == 1 and w.trained[n] is not None
             rows.append(dict(layer=path + ("." + next(iter(ps)) if one else ""),
-                             type=type(w.original_module).__name__, shape=tuple(next(iter(ps.values())).shape) if one else None,
+                             type=type(w.original_module).__name__,
+                             shape=tuple(next(iter(ps.values())).shape) if one else None,
                              adapter=n, active=n == w.active_adapter, kind="copy", ranks="-", params=count,
                              percent=100.0 * count / max(1, total), clipped=False))
     for mod, _, pc in _param_copies(model):
