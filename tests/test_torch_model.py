@@ -16,6 +16,7 @@ from tucker_peft.backends.torch import (AdapterConfig, AdaptedLayer, adapted_lay
                                         active_adapter, delete_adapter, disable_adapters, export_peft_lora, inject, load_adapter,
                                         merge, merge_and_unload, save_adapter, set_adapter, summary,
                                         trainable_parameters, unmerge)
+from tucker_peft.backends.torch._model import adapter_extras, extra_trainable  # noqa: E402
 
 KINDS = ["tucker", "tucker2", "cp", "lora"]
 
@@ -79,11 +80,19 @@ def _state(model):
     (dict(target_modules=None), "target_modules: expected module names"),
     (dict(target_modules="conv[", ), "invalid regex"),
     (dict(rank_pattern={"conv1": -1}), r"rank_pattern\['conv1'\]"),
+    (dict(strict=1), "strict: expected True or False, got 1"),
 ])
 def test_config_errors_name_the_field(kw, match):
     args = dict(target_modules=["conv1"]) | kw
     with pytest.raises(tp.TuckerPeftError, match=match):
         AdapterConfig(**args)
+
+
+def test_every_config_field_is_typed():
+    import typing
+    hints = typing.get_type_hints(AdapterConfig)
+    assert set(hints) == {f.name for f in __import__("dataclasses").fields(AdapterConfig)}
+    assert all(h is not typing.Any for h in hints.values())
 
 
 def test_config_round_trips_through_dict():
@@ -132,8 +141,9 @@ def test_inject_freezes_base_and_trains_extra_by_pattern():
     m = _net()
     inject(m, AdapterConfig(kind="cp", ranks=2, target_modules=TARGETS, trainable=["head.bias"]))
     names = {n for n, p in m.named_parameters() if p.requires_grad}
-    assert "head.base_layer.bias" in names
-    assert all(".adapters.default." in n for n in names - {"head.base_layer.bias"})
+    copy_name = "head.base_layer.parametrizations.bias.0.modules_to_save.default"
+    assert copy_name in names
+    assert all(".adapters.default." in n for n in names - {copy_name})
     assert trainable_parameters(m) == sum(h.adapters["default"].spec.num_params for _, h in adapted_layers(m)) + 5
 
 
@@ -279,7 +289,7 @@ def test_save_load_round_trip(tmp_path, kind, init):
     inject(m, AdapterConfig(kind=kind, ranks=2, target_modules=TARGETS, init=init, trainable=["head.bias"]))
     _perturb(m)
     with torch.no_grad():
-        m.head.base_layer.bias.add_(1.0)
+        adapter_extras(m, "default")["head.bias"].add_(1.0)
     y = m(x, idx).detach()
     save_adapter(m, tmp_path / "ad")
     assert sorted(os.listdir(tmp_path / "ad")) == ["tucker_peft_adapter.safetensors"]
@@ -445,3 +455,379 @@ def test_matched_scale_makes_first_adam_step_like_loras(layer, x_shape):
         assert 1 / 1.5 < first_step(kind, "matched") / ref < 1.5, kind
     # Without the rule CP's first step is an order of magnitude smaller than LoRA's.
     assert first_step("cp", "fixed") < ref / 5
+
+
+# -- trainable copies (PEFT's modules_to_save) ---------------------------------------------
+
+def _adam_steps(m, x, idx, steps=2, lr=0.05):
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        m(x, idx).square().mean().backward()
+        opt.step()
+
+
+def test_each_adapter_trains_its_own_head_and_the_pretrained_one_comes_back():
+    m, ref = _net(), _net()
+    x, idx = _inputs()
+    y0 = ref(x, idx).detach()
+    head0 = {k: v.clone() for k, v in ref.head.state_dict().items()}
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv1"], trainable=["head"]), "a")
+    _adam_steps(m, x, idx)
+    ya = m(x, idx).detach()
+    inject(m, AdapterConfig(kind="tucker", ranks=2, target_modules=["conv2"], trainable=["head"]), "b")
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if "head" in n} == {"head.modules_to_save.b.weight", "head.modules_to_save.b.bias"}
+    _adam_steps(m, x, idx)
+    yb = m(x, idx).detach()
+    # The pretrained head is bit-identical after training both adapters.
+    assert all(torch.equal(m.head.original_module.state_dict()[k], v) for k, v in head0.items())
+    assert not torch.equal(m.head.modules_to_save["a"].weight, m.head.modules_to_save["b"].weight)
+    # Each adapter's output = the plain model with that adapter's ΔW and head (independent reference).
+    for name, y in (("a", ya), ("b", yb)):
+        plain = copy.deepcopy(ref)
+        for _, h in adapted_layers(m):
+            if name in h.adapters:
+                getattr(plain, h.layer_name).weight.data += h.adapters[name].delta_weight().detach()
+        plain.head.load_state_dict(m.head.modules_to_save[name].state_dict())
+        torch.testing.assert_close(plain(x, idx), y)
+    set_adapter(m, "a")
+    assert torch.equal(m(x, idx), ya)
+    set_adapter(m, None)
+    assert torch.equal(m(x, idx), y0)
+    set_adapter(m, "b")
+    with disable_adapters(m):
+        assert torch.equal(m(x, idx), y0)
+    assert torch.equal(m(x, idx), yb)
+    delete_adapter(m, "b")  # the active one: nothing active afterwards
+    assert torch.equal(m(x, idx), y0) and list(m.head.modules_to_save) == ["a"]
+    set_adapter(m, "a")
+    assert torch.equal(m(x, idx), ya)
+    delete_adapter(m, "a")
+    assert type(m.head) is nn.Linear and type(m.conv1) is nn.Conv2d
+    assert list(m.state_dict()) == list(ref.state_dict())
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in m.state_dict().items())
+
+
+def test_copy_state_dict_keys_leave_the_originals_where_a_plain_model_reads_them():
+    m, ref = _net(), _net()
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv1"], trainable=["head", "emb"]), "a")
+    _perturb(m)
+    with torch.no_grad():
+        m.head.modules_to_save["a"].weight.add_(1.0)
+    sd = m.state_dict()
+    assert [k for k in sd if k.startswith("head.")] == ["head.weight", "head.bias", "head.modules_to_save.a.weight",
+                                                        "head.modules_to_save.a.bias"]
+    assert torch.equal(sd["head.weight"], ref.head.weight) and torch.equal(sd["emb.weight"], ref.emb.weight)
+    plain = Net().double()
+    missing, unexpected = plain.load_state_dict(sd, strict=False)
+    assert not [k for k in missing if k.startswith(("head", "emb"))]
+    assert torch.equal(plain.head.weight, ref.head.weight)
+    assert all(".modules_to_save." in k or ".base_layer." in k or ".adapters." in k for k in unexpected)
+    again = copy.deepcopy(m)
+    with torch.no_grad():
+        for p in again.parameters():
+            p.zero_()
+    again.load_state_dict(sd)  # strict round trip through the renamed keys
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in sd.items())
+
+
+def test_parameter_entries_get_their_own_copies_also_on_adapted_layers():
+    m, ref = _net(), _net()
+    x, idx = _inputs()
+    y0 = ref(x, idx).detach()
+    # head is adapted; its bias, and conv2's (not adapted), are trained per adapter.
+    inject(m, AdapterConfig(kind="cp", ranks=2, target_modules=["conv2", "head"], trainable=r"(head|conv2)\.bias"), "a")
+    extras = adapter_extras(m, "a")
+    assert sorted(extras) == ["conv2.bias", "head.bias"] and all(p.requires_grad for p in extras.values())
+    assert {n for n, p in m.named_parameters() if p.requires_grad and ".adapters." not in n} == {
+        "conv2.base_layer.parametrizations.bias.0.modules_to_save.a",
+        "head.base_layer.parametrizations.bias.0.modules_to_save.a"}
+    _adam_steps(m, x, idx)
+    ya = m(x, idx).detach()
+    assert not torch.equal(extras["head.bias"], ref.head.bias)
+    assert all(torch.equal(p, getattr(ref, n.split(".")[0]).bias) for n, p in extra_trainable(m, ["head.bias", "conv2.bias"]).items())
+    with disable_adapters(m):
+        assert torch.equal(m(x, idx), y0)
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv1"], trainable=["head.bias"]), "b")
+    assert not extras["head.bias"].requires_grad and adapter_extras(m, "b")["head.bias"].requires_grad
+    set_adapter(m, "a")
+    assert torch.equal(m(x, idx), ya)
+    plain = copy.deepcopy(ref)  # independent reference: ΔW and biases of adapter a put into a plain model
+    for _, h in adapted_layers(m):
+        if "a" in h.adapters:
+            getattr(plain, h.layer_name).weight.data += h.adapters["a"].delta_weight().detach()
+    plain.head.bias.data.copy_(extras["head.bias"])
+    plain.conv2.bias.data.copy_(extras["conv2.bias"])
+    torch.testing.assert_close(plain(x, idx), ya)
+    delete_adapter(m, "a")
+    delete_adapter(m, "b")
+    assert list(m.state_dict()) == list(ref.state_dict())
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in m.state_dict().items())
+    assert all(type(a) is type(b) for a, b in zip(m.modules(), ref.modules()))
+
+
+def test_parameter_copy_keys_and_unload():
+    m, ref = _net(), _net()
+    x, idx = _inputs()
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv1"], trainable=["head.bias"]))
+    with torch.no_grad():
+        adapter_extras(m, "default")["head.bias"].add_(1.0)
+    sd = m.state_dict()
+    assert [k for k in sd if k.startswith("head.")] == ["head.weight", "head.bias",
+                                                        "head.parametrizations.bias.0.modules_to_save.default"]
+    assert torch.equal(sd["head.bias"], ref.head.bias)
+    again = copy.deepcopy(m)
+    with torch.no_grad():
+        for p in again.parameters():
+            p.zero_()
+    again.load_state_dict(sd)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in sd.items())
+    y = m(x, idx).detach()
+    plain = merge_and_unload(m)
+    assert type(plain.head) is nn.Linear and torch.equal(plain.head.bias, ref.head.bias + 1.0)
+    torch.testing.assert_close(plain(x, idx), y)
+
+
+def test_trainable_copies_save_and_load_per_adapter(tmp_path):
+    m = _net()
+    x, idx = _inputs()
+    ys = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv1"], trainable=["head"]), name)
+        _perturb(m, seed, only=name)
+        with torch.no_grad():
+            m.head.modules_to_save[name].bias.add_(seed)
+        ys[name] = m(x, idx).detach()
+        save_adapter(m, tmp_path / name, adapter_name=name)
+    fresh = _net()
+    load_adapter(fresh, tmp_path / "a")
+    load_adapter(fresh, tmp_path / "b", is_trainable=False)
+    assert not any(p.requires_grad for p in fresh.parameters())  # the copy stays frozen as well
+    torch.testing.assert_close(fresh(x, idx), ys["b"])
+    set_adapter(fresh, "a")
+    torch.testing.assert_close(fresh(x, idx), ys["a"])
+    assert fresh.head.modules_to_save["a"].bias.requires_grad
+    assert torch.equal(fresh.head.original_module.bias, _net().head.bias)
+
+
+def test_merge_and_unload_keeps_the_active_copy():
+    m = _net()
+    x, idx = _inputs()
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv1"], trainable=["head"]), "a")
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv1"], trainable=["head"]), "b")
+    _perturb(m)
+    with torch.no_grad():
+        m.head.modules_to_save["a"].weight.mul_(2.0)
+    set_adapter(m, "a")
+    y = m(x, idx).detach()
+    kept = m.head.modules_to_save["a"]
+    plain = merge_and_unload(m)
+    assert plain.head is kept and type(plain.head) is nn.Linear
+    torch.testing.assert_close(plain(x, idx), y)
+
+
+def test_trainable_that_matches_nothing_or_an_adapted_layer_is_refused():
+    m = _net()
+    before = _state(m)
+    with pytest.raises(tp.TuckerPeftError, match=r"trainable: \['nope'\] matched no module or parameter"):
+        inject(m, AdapterConfig(target_modules=["conv1"], trainable=["head", "nope"]))
+    with pytest.raises(tp.TuckerPeftError, match="trainable: module 'conv1' holds or is inside the adapted layer 'conv1'"):
+        inject(m, AdapterConfig(target_modules=["conv1"], trainable=["conv1"]))
+    with pytest.raises(tp.TuckerPeftError, match="trainable: 'conv1.weight' is an adapted weight"):
+        inject(m, AdapterConfig(target_modules=["conv1"], trainable=["conv1.weight"]))
+    assert not list(adapted_layers(m)) and all(type(v) is not nn.Module for v in m.children())
+    assert list(m.state_dict()) == list(before) and all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    inject(m, AdapterConfig(target_modules=["conv1"]), "a")
+    with pytest.raises(tp.TuckerPeftError, match="adapted layer 'conv1'"):
+        inject(m, AdapterConfig(target_modules=["conv2"], trainable=["conv1"]), "b")
+
+
+def test_summary_shows_the_copies():
+    m = _net()
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv1"], trainable=["head", "emb.weight"]), "a")
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv1"], trainable=["head"]), "b")
+    rows = [r for r in summary(m).rows if r["kind"] == "copy"]
+    assert sorted((r["layer"], r["adapter"], r["active"], r["params"]) for r in rows) == [
+        ("emb.weight", "a", False, 60), ("head", "a", False, 275), ("head", "b", True, 275)]
+    assert "copy" in str(summary(m))
+
+
+# -- budgets never exceed the layer -----------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_budget_is_capped_at_the_weights_size(kind):
+    m = _net()
+    inject(m, AdapterConfig(kind=kind, budget="lora:8", target_modules=["dw", "conv2"]))
+    specs = {h.layer_name: h.adapters["default"].spec for _, h in adapted_layers(m)}
+    # dw (8, 1, 3, 3): LoRA r=8 alone is 8·(8+9) = 136 > 72 parameters of the weight.
+    assert specs["dw"].num_params <= 72
+    assert specs["dw"] == tp.ranks.for_budget(kind, (8, 1, 3, 3), 72)
+    ref = tp.LoRA((12, 8, 3, 3), 8)
+    assert specs["conv2"] == tp.ranks.match(ref, kind) and specs["conv2"].num_params <= 12 * 72
+    rows = {r["layer"]: r for r in summary(m).rows}
+    assert rows["dw"]["clipped"] and not rows["conv2"]["clipped"] and rows["dw"]["percent"] <= 100
+    lines = str(summary(m)).splitlines()
+    assert lines[1].startswith("dw") and lines[1].endswith("clipped") and not lines[2].endswith("clipped")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_depthwise_kernel_of_the_report_gets_at_most_its_own_size(kind):
+    shape = (16, 1, 3, 3)
+    assert tp.ranks.match(tp.LoRA(shape, 8), "tucker").num_params > 144  # the case of the report: 134.7 %
+    m = inject(nn.Sequential(nn.Conv2d(16, 16, 3, groups=16)), AdapterConfig(kind=kind, budget="lora:8",
+                                                                             target_modules=["0"]))
+    (row,) = summary(m).rows
+    assert row["percent"] <= 100 and row["clipped"] and row["params"] == tp.ranks.for_budget(kind, shape, 144).num_params
+
+
+def test_layer_smaller_than_any_adapter_is_skipped_once_or_refused_under_strict():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(300, 1), nn.Linear(8, 8), nn.Linear(200, 1))
+    before = _state(m)
+    with pytest.warns(UserWarning, match=r"skipped 2 layer\(s\).*'0' with weight \(1, 300\).*'2'") as rec:
+        inject(m, AdapterConfig(kind="lora", budget="lora:4", target_modules=["0", "1", "2"]))
+    assert len([w for w in rec if "skipped" in str(w.message)]) == 1
+    assert [h.layer_name for _, h in adapted_layers(m)] == ["1"]
+    assert type(m[0]) is type(m[2]) is nn.Linear and torch.equal(m[0].weight, before["0.weight"])
+    m2 = nn.Sequential(nn.Linear(300, 1), nn.Linear(8, 8))
+    sd = _state(m2)
+    with pytest.raises(tp.RankError, match=r"'0' with weight \(1, 300\) \(300 parameters\).*needs at least 301.*strict=True"):
+        inject(m2, AdapterConfig(kind="lora", budget="lora:4", target_modules=["0", "1"], strict=True))
+    assert not list(adapted_layers(m2)) and all(torch.equal(sd[k], v) for k, v in m2.state_dict().items())
+    with pytest.raises(tp.RankError, match="every target is smaller"):
+        inject(nn.Sequential(nn.Linear(300, 1)), AdapterConfig(kind="lora", budget="lora:4", target_modules=["0"]))
+
+
+# -- target_modules='all-linear' --------------------------------------------------------------
+
+def _peft_selection(model, **kw):
+    peft = pytest.importorskip("peft")
+    from peft.tuners.lora import LoraLayer
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules="all-linear", r=2, **kw))
+    return {n for n, mod in pm.base_model.model.named_modules() if isinstance(mod, LoraLayer)}
+
+
+def _our_selection(model):
+    m = inject(copy.deepcopy(model), AdapterConfig(kind="lora", ranks=2, target_modules="all-linear"))
+    return {h.layer_name for _, h in adapted_layers(m)}
+
+
+def _tiny(cls_name, **kw):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if cls_name.startswith("GPT2"):
+        cfg = transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=16, **kw)
+    else:
+        cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=32, max_position_embeddings=16, **kw)
+    return getattr(transformers, cls_name)(cfg)
+
+
+@pytest.mark.parametrize("cls_name, peft_kw", [("BertForMaskedLM", {}), ("BertModel", {}),
+                                               ("BertForSequenceClassification", {"task_type": "SEQ_CLS"}),
+                                               ("GPT2LMHeadModel", {})])
+def test_all_linear_selects_what_peft_selects(cls_name, peft_kw):
+    from tucker_peft.backends.torch._layers import SUPPORTED
+    model = _tiny(cls_name)
+    ours_types = {n for n, mod in model.named_modules() if isinstance(mod, SUPPORTED)}
+    theirs = _peft_selection(model, **peft_kw) & ours_types  # Conv1D counts once the binding supports it
+    if not theirs:  # GPT-2 before the binding adapts Conv1D: PEFT's only nn.Linear is the excluded lm_head
+        with pytest.raises(tp.TuckerPeftError, match="matched nothing"):
+            _our_selection(model)
+        return
+    assert _our_selection(model) == theirs
+    if cls_name != "BertModel":
+        assert "cls.predictions.decoder" not in theirs and "classifier" not in theirs and "lm_head" not in theirs
+
+
+def test_all_linear_on_a_plain_module_is_every_linear():
+    assert _our_selection(_net()) == _peft_selection(_net()) == {"head"}
+    with pytest.raises(tp.TuckerPeftError, match="matched nothing"):
+        inject(nn.Sequential(nn.Conv2d(3, 3, 3)), AdapterConfig(target_modules="all-linear"))
+
+
+# -- inject is all or nothing ---------------------------------------------------------------------
+
+def _snapshot(m):
+    sd = m.state_dict()
+    return (list(sd), {k: v.detach().cpu().numpy().tobytes() for k, v in sd.items()},
+            [(n, type(mod)) for n, mod in m.named_modules()], [(n, p.requires_grad) for n, p in m.named_parameters()],
+            active_adapter(m), adapter_names(m))
+
+
+@pytest.mark.parametrize("fault", ["last-delta", "copy", "set_adapter"])
+@pytest.mark.parametrize("existing", [False, True])
+def test_inject_failure_restores_the_model_exactly(monkeypatch, fault, existing):
+    from torch.nn.utils import parametrize
+    from tucker_peft.backends.torch import _model, _modules_to_save
+    m = _net()
+    x, idx = _inputs()
+    if existing:
+        inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv1", "head"], trainable=["emb"]), "a")
+        _perturb(m)
+    if fault == "set_adapter":  # a real refusal late in inject: an 'hosvd' adapter cannot be switched off
+        inject(m, AdapterConfig(kind="tucker", ranks=2, target_modules=["conv2"], init="hosvd"), "h")
+    y = m(x, idx).detach()
+    before = _snapshot(m)
+    if fault == "last-delta":
+        real = _model.DeltaWeight
+
+        def faulty(spec, *a, **k):
+            if tuple(spec.shape) == (12, 8, 3, 3):
+                raise RuntimeError("injected fault")
+            return real(spec, *a, **k)
+        monkeypatch.setattr(_model, "DeltaWeight", faulty)
+    elif fault == "copy":  # after the last copy (of a parameter) was made
+        real_add = _modules_to_save._add_param_copy
+
+        def late(*a, **k):
+            real_add(*a, **k)
+            raise RuntimeError("injected fault")
+        monkeypatch.setattr(_modules_to_save, "_add_param_copy", late)
+    cfg = AdapterConfig(kind="tucker", ranks=2, target_modules=["dw", "conv1"], init="zero" if existing else "hosvd",
+                        target_parameters=[] if fault == "set_adapter" else ["conv2.weight"],
+                        trainable=["emb", "head.bias"])
+    if fault == "set_adapter":
+        cfg = AdapterConfig(kind="lora", ranks=2, target_modules=["dw"])
+    with pytest.raises((RuntimeError, tp.TuckerPeftError), match="injected fault|cannot be switched off"):
+        inject(m, cfg, "new")
+    after = _snapshot(m)
+    assert after[0] == before[0]                      # same keys, same order
+    assert after[1] == before[1]                      # byte-identical values
+    assert after[2] == before[2] and after[3] == before[3] and after[4:] == before[4:]
+    if not existing and fault != "set_adapter":
+        assert not any(parametrize.is_parametrized(mod) for mod in m.modules())
+    assert torch.equal(m(x, idx), y)
+
+
+def test_two_active_adapters_may_not_both_bring_a_copy_of_one_module():
+    from tucker_peft.backends.torch import _modules_to_save
+    m = _net()
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv1"], trainable=["head"]), "a")
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv2"], trainable=["head", "emb"]), "b")
+    with pytest.raises(tp.TuckerPeftError, match=r"\['a', 'b'\] each have their own copy of 'head'"):
+        _modules_to_save.set_active(m, ["a", "b"])
+    assert m.head.active_adapter == "b" and m.emb.active_adapter == "b"
+
+
+def test_load_writes_saved_copies_only_into_copies_never_into_base_weights(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from tucker_peft._format import ADAPTER_FILE
+    m = _net()
+    inject(m, AdapterConfig(kind="lora", ranks=2, target_modules=["conv1"], trainable=["head.bias"]))
+    save_adapter(m, tmp_path / "ad")
+    f = tmp_path / "ad" / ADAPTER_FILE
+    with safe_open(f, framework="pt") as fh:
+        meta = fh.metadata()
+    tensors = load_file(f)
+    tensors["base::conv2.weight"] = torch.zeros(12, 8, 3, 3, dtype=torch.float64)  # not marked trainable
+    save_file(tensors, f, metadata=meta)
+    fresh = _net()
+    before = _state(fresh)
+    with pytest.raises(tp.StateDictError):  # today it names conv2.weight; a content hash may refuse it first
+        load_adapter(fresh, tmp_path / "ad")
+    assert list(fresh.state_dict()) == list(before)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())

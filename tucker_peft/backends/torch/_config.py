@@ -6,7 +6,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, Union
 
 from ... import ranks as _ranks
 from ..._base import Parametrization, kinds, lookup
@@ -14,12 +14,19 @@ from ..._errors import RankError, TuckerPeftError, fmt_shape
 from ...cp import CP, max_cp_rank
 from ...lora import LoRA
 
-__all__ = ["AdapterConfig"]
+__all__ = ["AdapterConfig", "LayerTooSmall"]
 
 FORWARDS = ("auto", "rebuild", "factorized")
 SCALE_RULES = ("fixed", "matched")
 INITS = ("zero", "hosvd")
 _LORA_REF = re.compile(r"^lora:(\d+)$")
+ALL_LINEAR = "all-linear"
+
+Ranks = Union[int, tuple[Union[int, None], ...]]
+
+
+class LayerTooSmall(RankError):
+    """Even the smallest spec of the kind has more parameters than the layer's weight."""
 
 
 def _is_int(v: Any) -> bool:
@@ -49,6 +56,8 @@ def _check_targets(value: Any, what: str) -> Any:
     if value is None:
         return None
     if isinstance(value, str):
+        if what == "target_modules" and value.lower() == ALL_LINEAR:
+            return ALL_LINEAR
         try:
             re.compile(value)
         except re.error as exc:
@@ -105,13 +114,20 @@ class AdapterConfig:
         is an error. Default 8 unless ``budget`` is given.
     budget : int or str, optional
         Instead of ``ranks``: parameters per layer, or ``'lora:R'`` for the
-        count of LoRA rank R on that layer (equal-budget comparisons).
+        count of LoRA rank R on that layer (equal-budget comparisons). A layer's
+        budget is capped at its weight's own size: a layer whose spec at the
+        budget would have more parameters than the weight gets the largest spec
+        of the kind that does not (``summary`` marks it ``clipped``). A layer
+        where even the smallest spec is larger than the weight is skipped, with
+        one warning per call listing such layers, or refused under ``strict``.
     alpha : float
         The scale s: layers compute with ``W + s·ΔW``.
     target_modules : list of str or str, optional
         Module names (full, or a suffix after a dot, as PEFT) or one regex
         matched against full names. Supported: ``nn.Linear``,
-        ``nn.Conv1d/2d/3d`` and ``nn.Embedding``.
+        ``nn.Conv1d/2d/3d`` and ``nn.Embedding``. ``'all-linear'`` means, as in
+        PEFT, every linear layer except the output head (a transformers model's
+        ``get_output_embeddings()``, or else its ``score``/``classifier``).
     target_parameters : list of str or str, optional
         Parameter paths (or a regex) of any other N-D parameter, e.g. a stacked
         expert weight ``'experts.w1'`` of shape ``(E, out, in)``.
@@ -127,8 +143,16 @@ class AdapterConfig:
         ``'rebuild'`` merges ΔW into one op; ``'factorized'`` never builds it;
         ``'auto'`` picks per layer and input size from the cost estimate.
     trainable : list of str or str, optional
-        Extra base parameters to train (biases, norms, a head), by name or regex;
-        they are saved with the adapter.
+        Modules to train besides the adapters, as PEFT's ``modules_to_save``:
+        each adapter gets its own trainable copy of each such module, the
+        original stays untouched and runs whenever that adapter is not active.
+        An entry (a name, matched as a full name or dotted suffix, or one regex
+        matched against full names) that names a module takes the whole module;
+        otherwise it is matched against parameter names (``'6.bias'``,
+        ``r'.*norm.*'``), and each such parameter alone gets a copy per adapter
+        (biases of adapted layers included). An entry that matches nothing is
+        an error, as is a module that holds an adapted layer or an adapted
+        weight itself. The copies are saved with the adapter.
     scale_rule : {'matched', 'fixed'}
         ``'fixed'``: s = alpha for every kind. ``'matched'`` (default): Tucker and CP
         start from orthonormal factors and s = alpha · √(out·r_L/3) / √(n₀),
@@ -140,23 +164,27 @@ class AdapterConfig:
         ``kernel``, ``fixed``).
     seed : int
         Seed of the random factors.
+    strict : bool
+        Refuse (``RankError``) instead of skipping with a warning a layer where
+        even the smallest spec of the kind has more parameters than the weight.
     """
 
     kind: str = "tucker"
-    ranks: Any = None
-    budget: Any = None
+    ranks: Ranks | None = None
+    budget: int | str | None = None
     alpha: float = 1.0
-    target_modules: Any = None
-    target_parameters: Any = None
-    rank_pattern: dict[str, Any] = field(default_factory=dict)
+    target_modules: list[str] | str | None = None
+    target_parameters: list[str] | str | None = None
+    rank_pattern: dict[str, Ranks] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     init: str = "zero"
     dropout: float = 0.0
     forward: str = "auto"
-    trainable: Any = None
+    trainable: list[str] | str | None = None
     scale_rule: str = "matched"
     kind_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    strict: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, str) or self.kind not in kinds():
@@ -198,6 +226,8 @@ class AdapterConfig:
             raise TuckerPeftError("kind_options: only used with budget=, got ranks= instead")
         if not _is_int(self.seed):
             raise TuckerPeftError(f"seed: expected an int, got {self.seed!r}")
+        if not isinstance(self.strict, bool):
+            raise TuckerPeftError(f"strict: expected True or False, got {self.strict!r}")
 
     # -- (de)serialisation --------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -234,15 +264,45 @@ class AdapterConfig:
         return a * matched_factor(spec) if self.scale_rule == "matched" else a
 
     def spec_for(self, name: str, shape: Sequence[int]) -> Parametrization:
-        """The spec of layer ``name`` with weight ``shape``; errors name the layer."""
+        """The spec of layer ``name`` with weight ``shape``; errors name the layer.
+
+        Under ``budget`` the spec never has more parameters than the weight
+        (see :meth:`budget_for`); :class:`LayerTooSmall` when no spec fits.
+        """
         shape = tuple(int(s) for s in shape)
         r = self._pattern(self.rank_pattern, name)
         try:
             if r is None and self.budget is not None:
-                return _spec_for_budget(self.kind, shape, self.budget, self.kind_options)
+                return _ranks.for_budget(self.kind, shape, self.budget_for(name, shape)[0], **self.kind_options)
             return _spec_for_ranks(self.kind, shape, self.ranks if r is None else r)
+        except LayerTooSmall:
+            raise
         except TuckerPeftError as exc:
             raise RankError(f"layer {name!r} with weight {fmt_shape(shape)}: {exc}") from None
+
+    def budget_for(self, name: str, shape: Sequence[int]) -> tuple[int, bool]:
+        """``(parameters, clipped)``: layer ``name``'s budget, capped at the weight's size.
+
+        ``clipped`` is True where the kind's spec at the uncapped budget would
+        have more parameters than the weight. Raises :class:`LayerTooSmall`
+        where even the smallest spec has, and ``RankError`` where the budget
+        is below the smallest spec.
+        """
+        shape = tuple(int(s) for s in shape)
+        if isinstance(self.budget, str):
+            r = int(self.budget[5:])
+            n = LoRA(shape, min(r, shape[0], math.prod(shape[1:]))).num_params
+        else:
+            n = int(self.budget)  # type: ignore[arg-type]
+        numel = math.prod(shape)
+        if n <= numel or _ranks.for_budget(self.kind, shape, n, **self.kind_options).num_params <= numel:
+            return n, False
+        try:
+            _ranks.for_budget(self.kind, shape, numel, **self.kind_options)
+        except RankError as exc:
+            raise LayerTooSmall(f"layer {name!r} with weight {fmt_shape(shape)} ({numel} parameters) is smaller "
+                                f"than any {self.kind!r} adapter: {exc}") from None
+        return numel, True
 
 
 def matched_factor(spec: Parametrization) -> float:
@@ -262,14 +322,6 @@ def matched_factor(spec: Parametrization) -> float:
         return 1.0
     r_lora = spec.num_params / (out + k)
     return math.sqrt(out * r_lora / 3.0) / math.sqrt(n0)
-
-
-def _spec_for_budget(kind: str, shape: tuple[int, ...], budget: Any, options: Mapping[str, Any]) -> Parametrization:
-    if isinstance(budget, str):
-        r = int(budget[5:])
-        ref = LoRA(shape, min(r, shape[0], math.prod(shape[1:])))
-        return _ranks.match(ref, kind, **options)
-    return _ranks.for_budget(kind, shape, budget, **options)
 
 
 def _spec_for_ranks(kind: str, shape: tuple[int, ...], r: Any) -> Parametrization:

@@ -33,7 +33,7 @@ from . import _model
 from ._config import AdapterConfig
 from ._layers import AdaptedLayer, DeltaWeight
 from ._model import (Target, _adapter_dtype, _check_free, _check_name, _named_weights, active_adapter,
-                     adapted_layers, adapter_names, apply_plan, delete_adapter, extra_trainable)
+                     adapted_layers, adapter_extras, adapter_names, apply_plan, delete_adapter, extra_trainable)
 
 __all__ = ["save_adapter", "load_adapter"]
 
@@ -47,14 +47,6 @@ def _write_tensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: Map
     """A safetensors file written atomically (used by the PEFT export)."""
     from safetensors.torch import save
     atomic_write(path, save(dict(tensors), metadata=dict(metadata)))
-
-
-def _adapter_extras(model: nn.Module, name: str, config: AdapterConfig | None) -> dict[str, torch.Tensor]:
-    """The adapter's own trained copies of base parameters (``_model.adapter_extras`` once it exists)."""
-    own = getattr(_model, "adapter_extras", None)
-    if own is not None:
-        return own(model, name)
-    return extra_trainable(model, config.trainable) if config is not None else {}
 
 
 def _resolve_name(model: nn.Module, adapter_name: str | None) -> str:
@@ -135,7 +127,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         for k, v in d.init_params().items():
             sharded |= _is_dtensor(v)
             tensors[f"{p}::init::{k}"] = _host(v)
-    extra = _adapter_extras(model, name, config)
+    extra = adapter_extras(model, name)
     for k, v in extra.items():
         sharded |= _is_dtensor(v)
         tensors[f"base::{k}"] = _host(v)
@@ -371,7 +363,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     snap = _Snapshot(model, touched)
     try:
         apply_plan(model, targets, name, config, trainable=is_trainable)
-        extras = _adapter_extras(model, name, config)
+        extras = adapter_extras(model, name)
         with torch.no_grad():
             for k, t in base.items():
                 extras[k[6:]].copy_(t)
@@ -406,7 +398,7 @@ def _load_sharded(model: nn.Module, name: str, targets: list[Target], base: Mapp
         d = hooks[t.path].adapters[name]
         pairs += [(d.params[k], v) for k, v in t.params.items()]
         pairs += [(getattr(d, f"init_{k}"), v) for k, v in (t.init_params or {}).items()]
-    extras = _adapter_extras(model, name, config) if base else {}
+    extras = adapter_extras(model, name) if base else {}
     pairs += [(extras[k[6:]], v) for k, v in base.items()]
     with torch.no_grad():
         for p, v in pairs:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -14,13 +15,15 @@ from torch.nn.utils import parametrize
 
 from ..._base import Parametrization
 from ..._errors import TuckerPeftError, fmt_shape
-from ._config import AdapterConfig, name_matches
+from . import _modules_to_save as _mts
+from ._config import ALL_LINEAR, AdapterConfig, LayerTooSmall, name_matches
 from ._keys import attach_owner_hooks
 from ._layers import SUPPORTED, AdaptedLayer, DeltaParametrization, DeltaWeight, _add_
 
 __all__ = [
     "inject", "add_adapter", "set_adapter", "disable_adapters", "delete_adapter", "adapter_names", "active_adapter",
     "summary", "Summary", "merge", "unmerge", "merge_and_unload", "adapted_layers", "trainable_parameters",
+    "extra_trainable", "adapter_extras",
 ]
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
@@ -44,7 +47,7 @@ class Target:
 
 def _is_internal(name: str) -> bool:
     parts = name.split(".")
-    return "adapters" in parts or "base_layer" in parts or "parametrizations" in parts
+    return any(p in parts for p in ("adapters", "base_layer", "parametrizations", _mts.ORIGINAL, _mts.COPIES))
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer | DeltaParametrization]]:
@@ -92,8 +95,33 @@ def _named_weights(model: nn.Module) -> dict[str, tuple[nn.Module, str, torch.Te
     return out
 
 
+def _linear_types() -> tuple[type, ...]:
+    """``nn.Linear``, and transformers' ``Conv1D`` where the binding supports it (checked lazily)."""
+    return tuple(t for t in SUPPORTED if issubclass(t, nn.Linear) or t.__name__ == "Conv1D")
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    """The output head PEFT's 'all-linear' leaves out: ``get_output_embeddings()``, else ``score``/``classifier``."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        for attr in ("score", "classifier"):  # PEFT's SEQ_CLS_HEAD_NAMES
+            head = getattr(model, attr, None)
+            if isinstance(head, nn.Module):
+                break
+    return head if isinstance(head, nn.Module) else None
+
+
+def _all_linear(model: nn.Module, cands: dict[str, nn.Module]) -> list[str]:
+    head, types = _output_head(model), _linear_types()
+    return [n for n, m in cands.items() if isinstance(_base_module(m), types) and m is not head
+            and _base_module(m) is not head]
+
+
 def _select_modules(model: nn.Module, targets: Any) -> list[str]:
     cands = _candidates(model)
+    if targets == ALL_LINEAR:
+        return _all_linear(model, cands)
     if isinstance(targets, str):
         return [n for n in cands if re.fullmatch(targets, n)]
     chosen = []
@@ -140,7 +168,8 @@ def plan(model: nn.Module, config: AdapterConfig, adapter_name: str) -> list[Tar
             f"target_modules={config.target_modules!r}, target_parameters={config.target_parameters!r} matched nothing; "
             f"adaptable layers of this model: {_adaptable_listing(model)}")
     weights = _named_weights(model)
-    out = []
+    out: list[Target] = []
+    skipped: list[str] = []
     for path in list(paths) + param_paths:
         mod, attr, w = weights[path]
         module_path = path.rsplit(".", 1)[0] if "." in path else ""
@@ -152,7 +181,13 @@ def plan(model: nn.Module, config: AdapterConfig, adapter_name: str) -> list[Tar
         if w.ndim < 2:
             raise TuckerPeftError(f"target_parameters: {path!r} has shape {fmt_shape(w.shape)}; expected at least 2 dims")
         _check_free(mod, attr, path, adapter_name, config.init)
-        spec = config.spec_for(name, tuple(w.shape))
+        try:
+            spec = config.spec_for(name, tuple(w.shape))
+        except LayerTooSmall as exc:
+            if config.strict:
+                raise LayerTooSmall(f"{exc}; under strict=True no layer is skipped") from None
+            skipped.append(str(exc))
+            continue
         scale = config.scale_for(name, spec)
         dtype = _adapter_dtype(w)
         if config.init == "zero":
@@ -168,6 +203,12 @@ def plan(model: nn.Module, config: AdapterConfig, adapter_name: str) -> list[Tar
             init = {k: v.detach().clone() for k, v in params.items()}
         params = {k: v.detach().clone().contiguous() for k, v in params.items()}
         out.append(Target(path, module_path, attr, type(base).__name__, spec, scale, params, init))
+    if skipped:
+        if not out:
+            raise LayerTooSmall("every target is smaller than its smallest adapter: " + "; ".join(skipped))
+        warnings.warn(f"skipped {len(skipped)} layer(s) where any adapter would be larger than the weight "
+                      "(strict=True refuses instead): " + "; ".join(skipped), stacklevel=3)
+    _mts.resolve(model, config.trainable, tuple(t.path for t in out))  # errors before the model changes
     return out
 
 
@@ -186,6 +227,10 @@ def _orthonormal_factors(spec: Parametrization, params: dict[str, torch.Tensor])
 
 
 def _check_free(mod: nn.Module, attr: str, path: str, adapter_name: str, init: str) -> None:
+    if parametrize.is_parametrized(mod, attr) and \
+            any(isinstance(p, _mts.ParameterCopies) for p in mod.parametrizations[attr]):
+        raise TuckerPeftError(f"{path!r} has trainable copies (AdapterConfig.trainable), so it cannot also be adapted; "
+                              "expected a weight that no adapter lists in trainable")
     hook = _hook(mod, attr)
     if hook is None:
         return
@@ -217,7 +262,39 @@ def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
 
 def apply_plan(model: nn.Module, targets: list[Target], adapter_name: str, config: AdapterConfig,
                trainable: bool = True) -> None:
-    """Attach planned adapters. Only call after :func:`plan` (or a validated load) succeeded."""
+    """Attach planned adapters and trainable copies, all or nothing.
+
+    Only call after :func:`plan` (or a validated load) succeeded. On any
+    exception the model is restored exactly (modules, parametrizations,
+    values, ``requires_grad`` flags, active adapters) and the exception
+    propagates.
+    """
+    undo: list[Callable[[], None]] = []
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    states = [(h, _plain_state(h)) for _, h in adapted_layers(model)] + \
+             [(w, _plain_state(w)) for _, w in _mts.switchable(model)]
+    try:
+        _attach(model, targets, adapter_name, config, undo)
+        _mts.add_copies(model, adapter_name, _mts.resolve(model, config.trainable), undo)
+        _freeze(model, config)
+        set_adapter(model, adapter_name, trainable=trainable)
+    except BaseException:
+        for u in reversed(undo):
+            u()
+        for obj, st in states:
+            obj.__dict__.update(st)
+        for p, f in flags:
+            p.requires_grad_(f)
+        raise
+
+
+def _plain_state(obj: nn.Module) -> dict[str, Any]:
+    """A hook's immutable attributes (active adapter(s), merged...), to restore on failure."""
+    return {k: v for k, v in vars(obj).items() if isinstance(v, (str, tuple, frozenset, bool, int, float, type(None)))}
+
+
+def _attach(model: nn.Module, targets: list[Target], adapter_name: str, config: AdapterConfig,
+            undo: list[Callable[[], None]]) -> None:
     weights = _named_weights(model)
     for t in targets:
         mod, attr, w = weights[t.path]
@@ -227,50 +304,91 @@ def apply_plan(model: nn.Module, targets: list[Target], adapter_name: str, confi
                     and not parametrize.is_parametrized(mod):
                 hook = AdaptedLayer(mod, t.module_path)
                 _set_module(model, t.module_path, hook)
+                undo.append(lambda path=t.module_path, mod=mod: _set_module(model, path, mod))
             else:
+                had = parametrize.is_parametrized(mod, attr)
                 hook = DeltaParametrization(t.path)
                 parametrize.register_parametrization(mod, attr, hook, unsafe=True)
                 attach_owner_hooks(mod)  # plain state-dict key for the parameter (see _keys.py)
+                undo.append(lambda mod=mod, attr=attr, had=had: _unregister(mod, attr, had))
         delta = DeltaWeight(t.spec, t.scale, {k: v.to(w.device) for k, v in t.params.items()},
                             dropout=config.dropout, forward=config.forward,
                             init_params=None if t.init_params is None else {k: v.to(w.device) for k, v in t.init_params.items()},
                             config=config)
         if t.init_params is not None:
+            before = w.detach().clone()
+            undo.append(lambda w=w, before=before: _restore_(w, before))
             _add_(w, delta.init_delta(), -1.0)
         hook.adapters[adapter_name] = delta
-    _freeze(model, config)
-    set_adapter(model, adapter_name, trainable=trainable)
+        undo.append(lambda hook=hook: hook.adapters.pop(adapter_name))
+
+
+def _unregister(mod: nn.Module, attr: str, had: bool) -> None:
+    """Take our parametrization off ``mod.attr`` (only ours where there were others before)."""
+    if had:
+        del mod.parametrizations[attr][-1]
+    else:
+        parametrize.remove_parametrizations(mod, attr, leave_parametrized=False)
+
+
+def _restore_(w: torch.Tensor, before: torch.Tensor) -> None:
+    with torch.no_grad():
+        w.copy_(before)
 
 
 def clean_name(name: str) -> str:
-    """A base parameter's name as in the unadapted model (no ``base_layer`` or parametrization parts)."""
-    name = name.replace(".base_layer.", ".")
-    if name.startswith("base_layer."):
-        name = name[len("base_layer."):]
-    return re.sub(r"(^|\.)parametrizations\.([^.]+)\.original$", r"\1\2", name)
+    """A base parameter's name as in the unadapted model (no ``base_layer``, wrapper or parametrization parts)."""
+    return _mts._clean(name)
 
 
 def extra_trainable(model: nn.Module, patterns: Any) -> dict[str, nn.Parameter]:
-    """Base parameters (by their unadapted names) that ``patterns`` marks trainable."""
+    """The original parameters that ``patterns`` (``AdapterConfig.trainable``) designates, by unadapted name.
+
+    Parameters
+    ----------
+    model : nn.Module
+        With or without adapters and trainable copies.
+    patterns : list of str or str or None
+        Module or parameter names, or one regex (see ``AdapterConfig.trainable``).
+
+    Returns
+    -------
+    dict of str to Parameter
+        The originals (never trained); :func:`adapter_extras` gives an
+        adapter's copies under the same names, shapes and dtypes.
+
+    Raises
+    ------
+    TuckerPeftError
+        If an entry matches nothing, or names an adapted layer.
+    """
     out: dict[str, nn.Parameter] = {}
-    if patterns is None:
-        return out
-    for name, p in model.named_parameters():
-        if ".adapters." in f".{name}":
-            continue
-        clean = clean_name(name)
-        hit = re.fullmatch(patterns, clean) is not None if isinstance(patterns, str) \
-            else any(name_matches(clean, t) for t in patterns)
-        if hit:
-            out[clean] = p
+    res = _mts.resolve(model, patterns)
+    for path, names in res.modules.items():
+        mod = model.get_submodule(path)
+        if isinstance(mod, _mts.ModulesToSave):
+            mod = mod.original_module
+        for n, p in mod.named_parameters():
+            if names is None or n in names:
+                out[f"{path}.{n}"] = p
+    for name, (owner, attr) in res.params.items():
+        mod = model.get_submodule(owner)
+        out[name] = mod.parametrizations[attr].original if parametrize.is_parametrized(mod, attr) \
+            else mod._parameters[attr]
     return out
 
 
+def adapter_extras(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+    """``adapter_name``'s own trainable copies of the :func:`extra_trainable` parameters, by the same names."""
+    return _mts.extras(model, adapter_name)
+
+
 def _freeze(model: nn.Module, config: AdapterConfig) -> None:
-    keep = {id(p) for p in extra_trainable(model, config.trainable).values()}
+    """Freeze every base parameter (originals included); adapters and copies are set by :func:`set_adapter`."""
     for name, p in model.named_parameters():
-        if ".adapters." not in f".{name}":
-            p.requires_grad_(id(p) in keep)
+        parts = name.split(".")
+        if "adapters" not in parts and _mts.COPIES not in parts:
+            p.requires_grad_(False)
 
 
 # -- public API -----------------------------------------------------------------
@@ -333,6 +451,7 @@ def set_adapter(model: nn.Module, adapter_name: str | None, *, trainable: bool =
     hooks = list(adapted_layers(model))
     if adapter_name is not None and not any(adapter_name in h.adapters for _, h in hooks):
         raise TuckerPeftError(f"adapter_name: expected one of {adapter_names(model)}, got {adapter_name!r}")
+    _mts.check_active(model, adapter_name)
     for path, h in hooks:
         if h.merged is not None and h.merged != adapter_name:
             raise TuckerPeftError(f"{path!r} has adapter {h.merged!r} merged; unmerge before switching adapters")
@@ -345,6 +464,7 @@ def set_adapter(model: nn.Module, adapter_name: str | None, *, trainable: bool =
             raise TuckerPeftError(f"{h.layer_name!r}: its 'hosvd' adapter holds part of the base weight and "
                                   "cannot be switched off; delete it or merge it instead")
         h.active_adapter = adapter_name if has else None
+    _mts.set_active(model, adapter_name, trainable)
 
 
 @contextlib.contextmanager
@@ -358,11 +478,13 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             raise TuckerPeftError(f"{h.layer_name!r}: its 'hosvd' adapter holds part of the base weight and "
                                   "cannot be switched off")
     saved = [h.active_adapter for h in hooks]
+    copies = _mts.switch_off(model)
     try:
         for h in hooks:
             h.active_adapter = None
         yield model
     finally:
+        _mts.switch_back(copies)
         for h, a in zip(hooks, saved):
             h.active_adapter = a
 
@@ -386,6 +508,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             h.active_adapter = None
         if not len(h.adapters):
             _remove_hook(model, path, h)
+    _mts.delete(model, adapter_name)
 
 
 def _weight_of(model: nn.Module, path: str, hook: Any) -> torch.Tensor:
@@ -428,6 +551,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     merge(model)
     for path, h in list(adapted_layers(model)):
         _remove_hook(model, path, h)
+    _mts.unload(model)
     return model
 
 
@@ -447,13 +571,18 @@ class Summary:
     total: int
 
     def __str__(self) -> str:
-        head = ("layer", "type", "weight shape", "adapter", "kind", "ranks", "params", "% of W")
-        body = [(r["layer"], r["type"], fmt_shape(r["shape"]), r["adapter"] + ("*" if r["active"] else ""),
-                 r["kind"], r["ranks"], f"{r['params']:,}", f"{r['percent']:.2f}") for r in self.rows]
+        head = ("layer", "type", "weight shape", "adapter", "kind", "ranks", "params", "% of W", "note")
+        body = [(r["layer"], r["type"], _mts.fmt_shape_or_dash(r["shape"]), r["adapter"] + ("*" if r["active"] else ""),
+                 r["kind"], r["ranks"], f"{r['params']:,}", f"{r['percent']:.2f}",
+                 "clipped" if r["clipped"] else "") for r in self.rows]
         widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-        lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in (head, *body)]
+        lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in (head, *body)]
         pct = 100.0 * self.trainable / max(1, self.total)
         lines.append(f"trainable: {self.trainable:,} of {self.total:,} parameters ({pct:.3f}%); * = active")
+        if any(r["kind"] == "copy" for r in self.rows):
+            lines.append("copy = the adapter's own trainable copy of a module or parameter (AdapterConfig.trainable)")
+        if any(r["clipped"] for r in self.rows):
+            lines.append("clipped = the budget would give an adapter larger than the weight; capped at its size")
         return "\n".join(lines)
 
 
@@ -464,8 +593,24 @@ def _ranks_text(spec: Parametrization) -> str:
     return str(getattr(spec, "rank", "?"))
 
 
+def _clipped(d: DeltaWeight, layer: str) -> bool:
+    """Whether ``d``'s budget was capped at its weight's size (see ``AdapterConfig.budget_for``)."""
+    cfg = d.config
+    if not isinstance(cfg, AdapterConfig) or cfg.budget is None or cfg._pattern(cfg.rank_pattern, layer) is not None:
+        return False
+    try:
+        return cfg.budget_for(layer, d.spec.shape)[1]
+    except TuckerPeftError:
+        return False
+
+
 def summary(model: nn.Module) -> Summary:
-    """Each adapted weight: shape, kind, ranks, trainable parameters and their share of the weight."""
+    """Each adapted weight: shape, kind, ranks, trainable parameters and their share of the weight.
+
+    Rows of kind ``'copy'`` are an adapter's trainable copies of modules
+    (``AdapterConfig.trainable``); ``clipped`` marks a layer whose budget was
+    capped at the weight's own size.
+    """
     rows = []
     for path, h in adapted_layers(model):
         layer = h.layer_name or path
@@ -474,6 +619,7 @@ def summary(model: nn.Module) -> Summary:
             p = d.spec.num_params
             rows.append(dict(layer=layer, type=typ, shape=tuple(d.spec.shape), adapter=n, active=n == h.active_adapter,
                              kind=d.spec.kind, ranks=_ranks_text(d.spec), params=p,
-                             percent=100.0 * p / math.prod(d.spec.shape)))
+                             percent=100.0 * p / math.prod(d.spec.shape), clipped=_clipped(d, layer)))
+    rows += _mts.summary_rows(model)
     total = sum(p.numel() for p in model.parameters())
     return Summary(rows, trainable_parameters(model), total)
