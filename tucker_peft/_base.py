@@ -281,11 +281,12 @@ class Parametrization(ABC):
         p_out, s, p_in, mg = f
         xp = _dispatch.namespace(s)
         kernel = tuple(s.shape[2:])
-        k = "".join(self.mode_symbol(2 + n) for n in range(len(kernel)))
+        m, j, i = self._sym(0), self._sym(1), self._sym(2)
+        k = "".join(self._sym(3 + n) for n in range(len(kernel)))
         if mg > 1:  # block-diagonal S: (m, 1, *kernel) with P_in (in, m)
-            a = contract(f"a{k},ca->ac{k}", xp.reshape(s, (s.shape[0], *kernel)), p_in)
+            a = contract(f"{m}{k},{i}{m}->{m}{i}{k}", xp.reshape(s, (s.shape[0], *kernel)), p_in)
         elif p_in is not None:
-            a = contract(f"ab{k},cb->ac{k}", s, p_in)
+            a = contract(f"{m}{j}{k},{i}{j}->{m}{i}{k}", s, p_in)
         else:
             a = s
         b = p_out if p_out is not None else xp.eye(self.shape[0], dtype=s.dtype, device=_dispatch_device(s))
