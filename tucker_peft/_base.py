@@ -751,4 +751,4 @@ def _import_kind(ref: str) -> Callable[..., Parametrization]:
 
 def parametrization(kind: str, shape: Sequence[int], **kw: Any) -> Parametrization:
     """Build a parametrisation by name: ``parametrization('tucker', (64, 32, 3, 3), ranks=8)``."""
-    return lookup(kind)(shape, **kw)
+    return lookup(kind)(check_shape(shape), **kw)
