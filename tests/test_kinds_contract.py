@@ -288,3 +288,13 @@ def test_loha_equals_peft_delta_weight():
         params = {k: getattr(lh, f"hada_{k}")["default"].detach().double().numpy() for k in spec.param_shapes}
         want = lh.get_delta_weight("default").detach().double().numpy()
         np.testing.assert_allclose(spec.reconstruct(params), want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("spec", [tp.TT((8, 6, 3), 3), tp.LoKr((8, 6, 3), 1), tp.LoHa((8, 6, 3), 2)],
+                         ids=lambda s: s.kind)
+def test_fit_starts_new_kinds_from_their_principal_init(spec):
+    t = np.random.default_rng(0).standard_normal(spec.shape)
+    res = tp.fit(spec, t, steps=30, method="adam", lr=1e-2)
+    start = spec.init(spec.principal_init, tensor=t, seed=0)
+    assert res.init_error == pytest.approx(np.linalg.norm(spec.reconstruct(start) - t) / np.linalg.norm(t), rel=1e-9)
+    assert res.final_error <= res.init_error * 1.01  # Adam only refines (TT-SVD is already quasi-optimal)

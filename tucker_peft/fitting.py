@@ -117,17 +117,13 @@ def _init_params(spec: Parametrization, target: Any, init: Any, scale: float, se
         params = dict(init)
         spec.check_params(params, ("target", target))
         return params
-    if init == "auto":
-        if isinstance(spec, Tucker):
-            init = "hosvd"
-        elif isinstance(spec, CP):
-            init = "parafac"
-            opts.setdefault("n_iter", 5)
-        elif isinstance(spec, LoRA):
-            init = "svd"
-        else:
-            raise TuckerPeftError(f"init: 'auto' knows tucker, tucker2, cp and lora, got kind {spec.kind!r}; "
+    if init == "auto":  # the kind's principal decomposition
+        init = spec.principal_init
+        if init is None:
+            raise TuckerPeftError(f"init: 'auto' uses the kind's principal_init, and kind {spec.kind!r} has none; "
                                   "pass a method name or params")
+        if init == "parafac":
+            opts.setdefault("n_iter", 5)
     if not isinstance(init, str):
         raise TuckerPeftError(f"init: expected 'auto', a method name or a params dict, got {type(init).__name__}")
     canon = spec.init_methods.get(init.lower())

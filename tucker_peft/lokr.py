@@ -8,6 +8,7 @@ from functools import cached_property
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
+from array_api_compat import device
 
 from ._base import Parametrization, Params, check_rank, check_shape, register
 from ._decomp import leading_left_singular
@@ -226,8 +227,9 @@ class LoKr(Parametrization):
         u, _ = leading_left_singular(xp, w, 0, rr)
         f = xp.matmul(xp.matrix_transpose(u), w)
         if rr < r:  # r above the block's side: the spare columns stay zero
-            u = xp.concat([u, xp.zeros((u.shape[0], r - rr), dtype=u.dtype)], axis=1)
-            f = xp.concat([f, xp.zeros((r - rr, f.shape[1]), dtype=f.dtype)], axis=0)
+            dev = device(u)
+            u = xp.concat([u, xp.zeros((u.shape[0], r - rr), dtype=u.dtype, device=dev)], axis=1)
+            f = xp.concat([f, xp.zeros((r - rr, f.shape[1]), dtype=f.dtype, device=dev)], axis=0)
         return u, f
 
     @classmethod
