@@ -342,3 +342,13 @@ def test_generic_einsum_matches_numpy(eq_sizes, seed):
     np.testing.assert_allclose(generic.einsum(eq, a, b), np.einsum(eq, a, b), rtol=1e-12, atol=1e-12)
     single = f"{ta}->{''.join(s for s in ta[::-1] if s in eq.split('->')[1]) }"
     np.testing.assert_allclose(generic.einsum(single, a), np.einsum(single, a), rtol=1e-12, atol=1e-12)
+
+
+@given(case=tpst.spec_and_params(shape_strategy=tpst.shapes(min_ndim=6, max_ndim=7, max_side=2)))
+def test_six_and_seven_mode_weights_reconstruct_and_factor(case):
+    spec, params = case
+    want = 0.5 * dense(spec, params)
+    np.testing.assert_allclose(spec.reconstruct(params, 0.5), want, rtol=1e-10, atol=1e-10)
+    f = spec.factored(params, 0.5)
+    if f is not None:
+        np.testing.assert_allclose(_three_stage(*f, spec.shape), want, rtol=1e-10, atol=1e-10)
