@@ -391,7 +391,8 @@ def bench_kinds(shapes, reps_for, tables, infos, quick):
     t = Table("New kinds vs a plain torch.einsum of the same formula, float32 (ms, median)",
               ["kind", "shape, spec", "pass", "ours", "einsum", "einsum/ours"],
               note="ours = spec.reconstruct / spec.vjp (analytic); einsum = torch.einsum of the kind's formula "
-                   "written out by hand, its gradients by autograd (forward included: autograd needs it).")
+                   "written out by hand, reshaped to the weight's shape, its gradients by autograd (forward "
+                   "included: autograd needs it).")
     for kind, spec, eq, ops in kind_cases(quick):
         p = spec.init("random", like=torch.zeros(1), dtype="float32", seed=0)
         ct = torch.randn(spec.shape, generator=torch.Generator().manual_seed(1))
@@ -409,7 +410,8 @@ def bench_kinds(shapes, reps_for, tables, infos, quick):
             assert float((got[k] - w).abs().max()) <= 1e-3 * float(w.abs().max()) + 1e-6, (kind, k)
         label = f"{fmt(spec.shape)}, {spec.describe_ranks()}"
         with torch.no_grad():
-            m = interleaved({"ours": lambda: spec.reconstruct(p), "einsum": lambda: torch.einsum(eq, *ops(p))},
+            m = interleaved({"ours": lambda: spec.reconstruct(p),
+                             "einsum": lambda: torch.einsum(eq, *ops(p)).reshape(spec.shape)},
                             reps_for(spec.shape), warmup=2)
         t.rows.append([kind, label, "recon", ms(m.median("ours")), ms(m.median("einsum")),
                        f"{m.ratio('einsum', 'ours'):.2f}x"])
