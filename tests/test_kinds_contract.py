@@ -298,3 +298,17 @@ def test_fit_starts_new_kinds_from_their_principal_init(spec):
     start = spec.init(spec.principal_init, tensor=t, seed=0)
     assert res.init_error == pytest.approx(np.linalg.norm(spec.reconstruct(start) - t) / np.linalg.norm(t), rel=1e-9)
     assert res.final_error <= res.init_error * 1.01  # Adam only refines (TT-SVD is already quasi-optimal)
+
+
+@given(shape=tpst.shapes(min_ndim=2, max_ndim=4, max_side=5, max_size=300), r=st.integers(1, 6),
+       seed=st.integers(0, 50))
+def test_tt_zero_init_has_orthonormal_cores_so_a_sign_step_moves_dw_by_root_n0(shape, r, seed):
+    spec = tp.TT(shape, r)
+    p = spec.init("zero", seed=seed)
+    last = f"core_{len(spec.cores) - 1}"
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=p[last].shape)
+    dw = spec.reconstruct({**p, last: signs})
+    assert np.linalg.norm(dw) == pytest.approx(math.sqrt(spec.zero_block_size), rel=1e-9)
+    out, k = shape[0], math.prod(shape[1:])
+    assert spec.matched_scale() == pytest.approx(math.sqrt(out * spec.num_params / (out + k) / 3)
+                                                 / math.sqrt(spec.zero_block_size))
