@@ -312,3 +312,23 @@ def test_tt_zero_init_has_orthonormal_cores_so_a_sign_step_moves_dw_by_root_n0(s
     out, k = shape[0], math.prod(shape[1:])
     assert spec.matched_scale() == pytest.approx(math.sqrt(out * spec.num_params / (out + k) / 3)
                                                  / math.sqrt(spec.zero_block_size))
+
+
+@pytest.mark.parametrize("spec", [tp.Tucker((8, 6, 3, 3), (4, 3, 2, None)), tp.Tucker2((8, 6, 3), 3),
+                                  tp.CP((8, 6, 3), 5), tp.TT((8, 6, 3), 3)], ids=lambda s: s.kind)
+def test_orthonormal_zero_init_makes_a_sign_step_move_dw_by_root_n0(spec):
+    # What scale_rule='matched' assumes: each zero-block entry moves ΔW by a unit-norm, mutually orthogonal
+    # direction (Tucker, TT), or unit-norm (CP, whose rank-one terms are only nearly orthogonal).
+    p = spec.init("zero", seed=0, orthonormal=True)
+    assert not np.any(spec.reconstruct(p))
+    zero = next(k for k, v in p.items() if not np.any(v))
+    rng = np.random.default_rng(1)
+    for j in range(min(5, p[zero].size)):
+        e = np.zeros(p[zero].size)
+        e[j] = 1.0
+        assert np.linalg.norm(spec.reconstruct({**p, zero: e.reshape(p[zero].shape)})) == pytest.approx(1.0)
+    if spec.kind != "cp":
+        signs = rng.choice([-1.0, 1.0], size=p[zero].shape)
+        assert np.linalg.norm(spec.reconstruct({**p, zero: signs})) == pytest.approx(math.sqrt(spec.zero_block_size))
+    with pytest.raises(tp.InitError, match="unexpected options.*orthonormal"):
+        tp.LoRA((8, 6), 2).init("zero", orthonormal=True)

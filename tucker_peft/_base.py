@@ -241,8 +241,9 @@ class Parametrization(ABC):
     def matched_scale(self) -> float:
         """The factor ``scale_rule='matched'`` multiplies alpha by; 1 by default.
 
-        Kinds whose ``'zero'`` init has orthonormal factors next to a zero
-        block return :meth:`orthonormal_matched_scale`.
+        Kinds whose ``'zero'`` init can put orthonormal factors next to the
+        zero block (``init('zero', orthonormal=True)``: Tucker, CP, TT) return
+        :meth:`orthonormal_matched_scale`.
         """
         return 1.0
 

@@ -94,8 +94,12 @@ class CP(Parametrization):
         if method in ("zero", "random"):
             w = np.zeros(self.rank) if method == "zero" else rng.standard_normal(self.rank)
             params: Params = {"weights": ctx.asarray(w)}
+            ortho = bool(options.pop("orthonormal", False))
             for n, d in enumerate(self.shape):
-                params[f"factor_{n}"] = ctx.asarray(rng.uniform(-1, 1, (d, self.rank)) / math.sqrt(d))
+                a = rng.uniform(-1, 1, (d, self.rank)) / math.sqrt(d)
+                if ortho:  # unit-norm columns, the CP analogue of orthonormal factors
+                    a = a / np.maximum(np.linalg.norm(a, axis=0), np.finfo(np.float64).tiny)
+                params[f"factor_{n}"] = ctx.asarray(a)
             return params
         core_mode = self._core_option(options)
         seed = int(rng.integers(2**31))

@@ -230,6 +230,7 @@ class TT(Parametrization):
         if method == "random":
             return {k: ctx.asarray(rng.standard_normal(s) / math.sqrt(s[0] * s[1])) for k, s in shapes}
         if method == "zero":
+            options.pop("orthonormal", None)  # always: every core but the last is left-orthonormal
             p: Params = {}
             for k, s in shapes[:-1]:
                 rows, cols = s[0] * s[1], s[2]

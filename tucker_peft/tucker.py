@@ -111,10 +111,15 @@ class Tucker(Parametrization):
                 params["core"] = ctx.zeros(self.core_shape)
             else:
                 params["core"] = ctx.asarray(rng.standard_normal(self.core_shape))
+            ortho = bool(options.pop("orthonormal", False))
             for n, (d, r) in enumerate(zip(self.shape, self.ranks)):
                 if r is not None:
                     # Kaiming-uniform as PEFT's lora_A: U(±1/√fan), fan = I_n.
-                    params[f"factor_{n}"] = ctx.asarray(rng.uniform(-1, 1, (d, r)) / math.sqrt(d))
+                    u = rng.uniform(-1, 1, (d, r)) / math.sqrt(d)
+                    if ortho:  # the same draw, orthonormalised (Q of its QR, signs of R's diagonal)
+                        q, rr = np.linalg.qr(u)
+                        u = q * np.where(np.diag(rr) < 0, -1.0, 1.0)
+                    params[f"factor_{n}"] = ctx.asarray(u)
             return params
         core_mode = self._core_option(options)
         if method == "hosvd":
