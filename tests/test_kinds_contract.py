@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -261,7 +261,7 @@ def test_lokr_matches_peft_factorization_and_param_names():
 
 
 def test_lokr_equals_peft_delta_weight():
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from peft import LoKrConfig, get_peft_model
     from torch import nn
 

@@ -75,7 +75,7 @@ def dense_lokr(spec, p):
 
 def num_params_formula(spec):
     """Each kind's parameter count as written in its documentation."""
-    shape, n = spec.shape, spec.ndim
+    shape = spec.shape
     if isinstance(spec, tp.Tucker):
         return math.prod(d if r is None else r for d, r in zip(shape, spec.ranks)) + sum(
             d * r for d, r in zip(shape, spec.ranks) if r is not None)

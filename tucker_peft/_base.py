@@ -518,7 +518,6 @@ class Parametrization(ABC):
         array, shape ``(*batch, shape[0])``
         """
         xp = self.check_params(params, ("x", x))
-        tail = self.shape[1:]
         lead = self.batch_shape(x)
         n = math.prod(lead)
         if strategy == "auto":

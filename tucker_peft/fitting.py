@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-from opt_einsum import get_symbol
 
 from ._base import Parametrization, check_int
 from ._decomp import CPALS, hooi_sweep, sym_pinv as _sym_pinv
-from ._dispatch import contract, namespace, to_numpy
+from ._dispatch import namespace, to_numpy
 from ._errors import RankError, TuckerPeftError, fmt_shape
 from .cp import CP
 from .lora import LoRA

@@ -108,7 +108,7 @@ class LoHa(Parametrization):
         if self.ndim < 2:
             return None
         xp = namespace(params["w1_a"])
-        o, r, k = self.shape[0], self.rank, self._k(self.shape)
+        o, r = self.shape[0], self.rank
         p_out = xp.reshape(params["w1_a"][:, :, None] * params["w2_a"][:, None, :], (o, r * r))
         s = xp.reshape(params["w1_b"][:, None, :] * (params["w2_b"] * scale)[None, :, :], (r * r, *self.shape[1:]))
         return p_out, s, None, 1

@@ -13,7 +13,7 @@ import numpy as np
 from ._base import Parametrization, Params, check_rank, check_shape, mode_ranks, register
 from ._decomp import hooi, hosvd
 from ._dispatch import ArrayContext, contract
-from ._errors import RankError, TuckerPeftError, fmt_shape
+from ._errors import RankError, TuckerPeftError
 
 __all__ = ["Tucker", "Tucker2"]
 
