@@ -355,6 +355,72 @@ def bench_vjp(shapes, reps_for, tables, infos, quick):
     tables.append(t)
 
 
+# -- the new kinds vs a plain einsum of their formula ----------------------------
+def kind_cases(quick: bool) -> list[tuple[str, Any, str, Callable[[dict[str, Any]], list[Any]]]]:
+    """(label, spec, the formula as one einsum, params -> its operands), written here independently."""
+    n, c = (96, 32) if quick else (768, 256)
+    tz = {0: (4, 6, 4), 1: (4, 6, 4)} if quick else {0: (8, 12, 8), 1: (8, 12, 8)}
+
+    def tt_ops(p):
+        return [p["core_0"][0]] + [p[f"core_{k}"] for k in range(1, 5)] + [p["core_5"][..., 0]]
+
+    def ttc_ops(p):
+        return [p["core_0"][0], p["core_1"], p["core_2"], p["core_3"][..., 0]]
+
+    def lokr_ops(p):
+        return [p["w1"], p["w2_a"], p["w2_b"].reshape(p["w2_b"].shape[0], -1)]
+
+    def lokrc_ops(p):
+        return [p["w1"], p["w2"]]
+
+    def loha_ops(shape):
+        return lambda p: [p["w1_a"], p["w1_b"].reshape(-1, *shape[1:]), p["w2_a"], p["w2_b"].reshape(-1, *shape[1:])]
+
+    conv = (c, c, 3, 3)
+    return [
+        ("tt", tp.TT((n, n), 8, tensorize=tz), "ia,ajb,bkc,cld,dme,en->ijklmn", tt_ops),
+        ("tt", tp.TT(conv, 8), "ia,ajb,bpc,cq->ijpq", ttc_ops),
+        ("lokr", tp.LoKr((n, n), 4), "ac,br,rd->abcd", lokr_ops),
+        ("lokr", tp.LoKr(conv, 8), "ac,bdpq->abcdpq", lokrc_ops),
+        ("loha", tp.LoHa((n, n), 8), "or,ri,os,si->oi", loha_ops((n, n))),
+        ("loha", tp.LoHa(conv, 8), "or,ripq,os,sipq->oipq", loha_ops(conv)),
+    ]
+
+
+def bench_kinds(shapes, reps_for, tables, infos, quick):
+    t = Table("New kinds vs a plain torch.einsum of the same formula, float32 (ms, median)",
+              ["kind", "shape, spec", "pass", "ours", "einsum", "einsum/ours"],
+              note="ours = spec.reconstruct / spec.vjp (analytic); einsum = torch.einsum of the kind's formula "
+                   "written out by hand, reshaped to the weight's shape, its gradients by autograd (forward "
+                   "included: autograd needs it).")
+    for kind, spec, eq, ops in kind_cases(quick):
+        p = spec.init("random", like=torch.zeros(1), dtype="float32", seed=0)
+        ct = torch.randn(spec.shape, generator=torch.Generator().manual_seed(1))
+        pg = {k: v.clone().requires_grad_() for k, v in p.items()}
+        ref = torch.einsum(eq, *ops(p)).reshape(spec.shape)
+        assert float((spec.reconstruct(p) - ref).abs().max()) <= 1e-4 * float(ref.abs().max()), kind
+        names = list(pg)
+
+        def einsum_grads():
+            return torch.autograd.grad(torch.einsum(eq, *ops(pg)).reshape(spec.shape), [pg[k] for k in names], ct)
+
+        want = einsum_grads()
+        got = spec.vjp(p, ct)
+        for k, w in zip(names, want):
+            assert float((got[k] - w).abs().max()) <= 1e-3 * float(w.abs().max()) + 1e-6, (kind, k)
+        label = f"{fmt(spec.shape)}, {spec.describe_ranks()}"
+        with torch.no_grad():
+            m = interleaved({"ours": lambda: spec.reconstruct(p),
+                             "einsum": lambda: torch.einsum(eq, *ops(p)).reshape(spec.shape)},
+                            reps_for(spec.shape), warmup=2)
+        t.rows.append([kind, label, "recon", ms(m.median("ours")), ms(m.median("einsum")),
+                       f"{m.ratio('einsum', 'ours'):.2f}x"])
+        m = interleaved({"ours": lambda: spec.vjp(p, ct), "einsum": einsum_grads}, reps_for(spec.shape), warmup=2)
+        t.rows.append([kind, label, "vjp", ms(m.median("ours")), ms(m.median("einsum")),
+                       f"{m.ratio('einsum', 'ours'):.2f}x"])
+    tables.append(t)
+
+
 # -- main ----------------------------------------------------------------------
 def environment() -> list[str]:
     return [
@@ -370,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shapes and few repetitions (smoke test)")
     ap.add_argument("--markdown", action="store_true", help="print tables as Markdown")
-    ap.add_argument("--only", default="recon,hosvd,hooi,vjp", help="comma-separated sections to run")
+    ap.add_argument("--only", default="recon,hosvd,hooi,vjp,kinds", help="comma-separated sections to run")
     ap.add_argument("--strict", action="store_true", help="exit 1 if a target fails")
     args = ap.parse_args(argv)
     sections = set(args.only.split(","))
@@ -404,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         snap[0] = cpu_snapshot()
 
     for name, bench, sink in (("recon", bench_reconstruct, checks), ("hosvd", bench_hosvd, checks),
-                              ("hooi", bench_hooi, infos), ("vjp", bench_vjp, infos)):
+                              ("hooi", bench_hooi, infos), ("vjp", bench_vjp, infos),
+                              ("kinds", bench_kinds, infos)):
         if name in sections:
             bench(shapes, reps_for, tables, sink, args.quick)
             print(tables[-1].render(args.markdown), flush=True)

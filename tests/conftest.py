@@ -1,5 +1,8 @@
 """Shared fixtures: the ``xp`` fixture over every available array library, and hypothesis profiles.
 
+JAX joins ``xp`` when ``TUCKER_PEFT_TEST_JAX=1`` (a few minutes: XLA compiles
+every shape); ``tests/test_kinds_jax.py`` covers it in every run.
+
 Profiles: ``ci`` (default; derandomized, so CI is deterministic) and ``heavy``
 (many more examples), chosen with ``TUCKER_PEFT_HYPOTHESIS_PROFILE=heavy``.
 """
@@ -41,6 +44,14 @@ def _namespace(name: str):
         return importlib.import_module("array_api_compat.torch")
     if name == "array_api_strict":
         return pytest.importorskip("array_api_strict")
+    if name == "jax":
+        if os.environ.get("TUCKER_PEFT_TEST_JAX") != "1":
+            # XLA compiles every new shape: the whole sweep takes minutes. tests/test_kinds_jax.py always runs.
+            pytest.skip("the full JAX sweep runs with TUCKER_PEFT_TEST_JAX=1")
+        jax = pytest.importorskip("jax", reason="JAX is optional: pip install jax to test the core on it")
+        # float64 like the other libraries (JAX defaults to float32); only JAX reads this switch.
+        jax.config.update("jax_enable_x64", True)
+        return importlib.import_module("jax.numpy")
     if name == "cupy":
         if not gpu_available():
             pytest.skip("cupy needs a GPU")
@@ -52,13 +63,14 @@ XP_PARAMS = [
     pytest.param("numpy", id="numpy"),
     pytest.param("torch", id="torch"),
     pytest.param("array_api_strict", id="array_api_strict"),
+    pytest.param("jax", id="jax"),
     pytest.param("cupy", id="cupy", marks=pytest.mark.gpu),
 ]
 
 
 @pytest.fixture(params=XP_PARAMS)
 def xp(request):
-    """An array-API namespace: numpy, torch (CPU), array_api_strict, cupy (GPU only)."""
+    """An array-API namespace: numpy, torch (CPU), array_api_strict, jax (CPU, if installed), cupy (GPU only)."""
     return _namespace(request.param)
 
 

@@ -94,7 +94,7 @@ def test_docs_python_block_runs(page, code, tmp_path, monkeypatch):
             pytest.importorskip(mod)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(ROOT))
-    exec(compile(code, str(page), "exec"), {"__name__": "__docs__"})
+    exec(compile(code, str(page), "exec", dont_inherit=True), {"__name__": "__docs__"})  # not this file's __future__ flags
 
 
 @pytest.mark.parametrize("page, code", _blocks(NOT_EXECUTED, 2))

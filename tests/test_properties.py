@@ -43,7 +43,59 @@ def dense(spec, p):
                 term = np.multiply.outer(term, p[f"factor_{n}"][:, k])
             out += term
         return out
+    if isinstance(spec, tp.TT):
+        return dense_tt(spec, p)
+    if isinstance(spec, tp.LoKr):
+        return dense_lokr(spec, p)
+    if isinstance(spec, tp.LoHa):
+        return ((p["w1_a"] @ p["w1_b"]) * (p["w2_a"] @ p["w2_b"])).reshape(spec.shape)
     return (p["B"] @ p["A"]).reshape(spec.shape)
+
+
+def dense_tt(spec, p):
+    """Every entry as the product of one matrix slice per core, in the (split) C order."""
+    cores = [p[f"core_{k}"] for k in range(len(p))]
+    sizes = [g.shape[1] for g in cores]
+    out = np.zeros(sizes)
+    for idx in np.ndindex(*sizes):
+        m = np.ones((1, 1))
+        for g, i in zip(cores, idx):
+            m = m @ g[:, i, :]
+        out[idx] = m[0, 0]
+    return out.reshape(spec.shape)
+
+
+def dense_lokr(spec, p):
+    """np.kron of W1 (padded to W2's ndim) and W2, as PEFT's make_kron."""
+    w1 = p["w1"] if "w1" in p else p["w1_a"] @ p["w1_b"]
+    b, d = w1.shape[0] and spec.shape[0] // w1.shape[0], spec.shape[1] // w1.shape[1]
+    w2 = p["w2"] if "w2" in p else (p["w2_a"] @ p["w2_b"]).reshape(b, d, *spec.shape[2:])
+    return np.kron(w1.reshape(*w1.shape, *(1,) * (spec.ndim - 2)), w2)
+
+
+def num_params_formula(spec):
+    """Each kind's parameter count as written in its documentation."""
+    shape = spec.shape
+    if isinstance(spec, tp.Tucker):
+        return math.prod(d if r is None else r for d, r in zip(shape, spec.ranks)) + sum(
+            d * r for d, r in zip(shape, spec.ranks) if r is not None)
+    if isinstance(spec, tp.CP):
+        return spec.rank * (1 + sum(shape))
+    k = math.prod(shape[1:])
+    if isinstance(spec, tp.LoRA):
+        return spec.rank * (shape[0] + k)
+    if isinstance(spec, tp.LoHa):
+        return 2 * spec.rank * (shape[0] + k)
+    if isinstance(spec, tp.TT):
+        b = (1, *spec.ranks, 1)
+        return sum(b[i] * m * b[i + 1] for i, m in enumerate(spec.cores))
+    if isinstance(spec, tp.LoKr):
+        a, bb, c, d = spec.blocks
+        r, kk = spec.rank, math.prod(shape[2:])
+        w1 = r * (a + c) if spec.decompose_both and r < max(a, c) / 2 else a * c
+        w2 = r * (bb + d * kk) if r < max(bb, d) / 2 else bb * d * kk
+        return w1 + w2
+    raise AssertionError(spec)
 
 
 @given(tpst.spec_and_params(shape_strategy=small_shapes), st.floats(-3, 3).filter(lambda s: s != 0))
@@ -69,9 +121,11 @@ def test_zero_init_gives_exactly_zero(xp, spec, seed):
     params = spec.init("zero", like=xp.zeros(1, dtype=xp.float32), seed=seed)
     dw = to_np(spec.reconstruct(params, 3.0))
     assert np.all(dw == 0)
-    # ... while the factors are not all zero (else no gradient could reach the core).
-    factors = [v for k, v in params.items() if k.startswith(("factor_", "A"))]
-    assert all(np.any(to_np(v) != 0) for v in factors)
+    # ... and only the zero block is zero (else no gradient could reach it).
+    zero = [k for k, v in params.items() if not np.any(to_np(v))]
+    assert sum(math.prod(spec.param_shapes[k]) for k in zero) == spec.zero_block_size
+    assert len(zero) == 1 or spec.kind in ("tucker", "tucker2", "cp")  # a core / λ; several only with empty factors
+    assert all(np.any(to_np(v) != 0) for k, v in params.items() if k not in zero)
 
 
 @given(spec=tpst.specs(shape_strategy=small_shapes), method=st.sampled_from(["zero", "random"]))
@@ -79,6 +133,89 @@ def test_num_params_counts_elements(spec, method):
     params = spec.init(method, seed=0)
     assert spec.num_params == sum(v.size for v in params.values())
     assert {k: v.shape for k, v in params.items()} == spec.param_shapes
+    assert spec.num_params == num_params_formula(spec)
+
+
+@given(shape=tpst.shapes(min_ndim=1, max_ndim=4, max_side=6, max_size=600), budget=st.integers(1, 400),
+       kind=st.sampled_from(tpst.KINDS))
+def test_for_budget_is_the_largest_family_member_within_budget(shape, budget, kind):
+    cls = tp.lookup(kind)
+    if kind == "lokr" and len(shape) < 2:
+        return
+    f, t_max = cls.budget_family(shape)
+    sizes = [f(t).num_params for t in range(1, t_max + 1)]
+    assert sizes == sorted(sizes)  # the family never shrinks
+    if sizes[0] > budget:
+        with pytest.raises(tp.RankError, match="budget"):
+            tp.ranks.for_budget(kind, shape, budget)
+        return
+    spec = tp.ranks.for_budget(kind, shape, budget)
+    assert spec.num_params <= budget
+    assert spec.num_params == max(s for s in sizes if s <= budget)
+    assert tp.ranks.match(spec, kind).num_params == spec.num_params
+
+
+def _three_stage(p_out, s, p_in, mg, shape):
+    """Dense P_out ×_0 S ×_1 P_in with explicit loops over the middle's groups."""
+    s = to_np(s)
+    p_out = np.eye(shape[0]) if p_out is None else to_np(p_out)
+    m_out = s.shape[0]
+    if mg > 1:  # block-diagonal: group g maps input column g to output g
+        mid = np.zeros((m_out, mg, *s.shape[2:]))
+        for g in range(mg):
+            mid[g, g] = s[g, 0]
+        s = mid
+    p_in = np.eye(shape[1]) if p_in is None else to_np(p_in)
+    out = np.tensordot(p_out, s, axes=([1], [0]))
+    return np.moveaxis(np.tensordot(out, p_in, axes=([1], [1])), -1, 1)
+
+
+@given(case=tpst.spec_and_params(shape_strategy=tpst.shapes(min_ndim=2, max_ndim=4, max_side=4)),
+       scale=st.floats(-2, 2))
+def test_factored_and_lora_factors_rebuild_delta(case, scale):
+    spec, params = case
+    want = scale * dense(spec, params)
+    f = spec.factored(params, scale)
+    if f is None:
+        assert spec.kind == "lokr"
+    else:
+        np.testing.assert_allclose(_three_stage(*f, spec.shape), want, rtol=1e-10, atol=1e-10)
+    ba = spec.lora_factors(params, scale)
+    if ba is None:
+        assert spec.lora_note
+    else:
+        b, a = ba
+        np.testing.assert_allclose(to_np(b) @ to_np(a), want.reshape(spec.shape[0], -1), rtol=1e-10, atol=1e-10)
+
+
+@given(shape=tpst.shapes(min_ndim=2, max_ndim=4, max_side=5, max_size=400), r=st.integers(1, 50),
+       kind=st.sampled_from(tpst.KINDS))
+def test_for_ranks_clips_any_rank_to_a_valid_spec(shape, r, kind):
+    spec = tp.lookup(kind).for_ranks(shape, r)
+    assert spec.shape == shape and spec.num_params > 0
+    assert isinstance(spec.describe_ranks(), str) and spec.describe_ranks()
+    small = tp.lookup(kind).for_ranks(shape, 1)
+    assert small.num_params <= spec.num_params
+
+
+@given(shape=tpst.shapes(min_ndim=2, max_ndim=4, max_side=4, max_size=200), kind=st.sampled_from(tpst.KINDS),
+       scale=st.sampled_from([1.0, -0.5, 3.0]), seed=st.integers(0, 100))
+def test_principal_init_at_full_rank_is_exact(shape, kind, scale, seed):
+    cls = tp.lookup(kind)
+    rng = np.random.default_rng(seed)
+    if kind == "lokr":  # exact on a Kronecker product
+        base = cls.for_ranks(shape, 10**6)
+        t = scale * dense(base, base.init("random", seed=seed))
+        spec = base
+    elif kind == "cp":  # exact on a rank-1 tensor
+        spec = cls(shape, 1)
+        t = scale * dense(spec, spec.init("random", seed=seed))
+    else:
+        spec = cls.for_ranks(shape, 10**6)
+        t = rng.standard_normal(shape)
+    assert spec.principal_init in spec.tensor_methods
+    p = spec.init(spec.principal_init, tensor=t, scale=scale, seed=seed)
+    np.testing.assert_allclose(scale * dense(spec, p), t, rtol=1e-7, atol=1e-7 * max(1.0, np.abs(t).max()))
 
 
 @given(shape=small_shapes, data=st.data())
@@ -205,3 +342,13 @@ def test_generic_einsum_matches_numpy(eq_sizes, seed):
     np.testing.assert_allclose(generic.einsum(eq, a, b), np.einsum(eq, a, b), rtol=1e-12, atol=1e-12)
     single = f"{ta}->{''.join(s for s in ta[::-1] if s in eq.split('->')[1]) }"
     np.testing.assert_allclose(generic.einsum(single, a), np.einsum(single, a), rtol=1e-12, atol=1e-12)
+
+
+@given(case=tpst.spec_and_params(shape_strategy=tpst.shapes(min_ndim=6, max_ndim=7, max_side=2)))
+def test_six_and_seven_mode_weights_reconstruct_and_factor(case):
+    spec, params = case
+    want = 0.5 * dense(spec, params)
+    np.testing.assert_allclose(spec.reconstruct(params, 0.5), want, rtol=1e-10, atol=1e-10)
+    f = spec.factored(params, 0.5)
+    if f is not None:
+        np.testing.assert_allclose(_three_stage(*f, spec.shape), want, rtol=1e-10, atol=1e-10)

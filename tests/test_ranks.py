@@ -82,7 +82,7 @@ def test_budget_errors():
     with pytest.raises(tp.TuckerPeftError, match="split: expected 'equal' or 'proportional'"):
         tp.ranks.for_budget("tucker", (4, 5), 100, split="even")
     with pytest.raises(tp.TuckerPeftError, match="kind: expected one of"):
-        tp.ranks.for_budget("tt", (4, 5), 100)
+        tp.ranks.for_budget("nope", (4, 5), 100)
     with pytest.raises(tp.TuckerPeftError, match="spec: expected a Parametrization"):
         tp.ranks.match((4, 5), "cp")
 

@@ -6,12 +6,15 @@ torch or cupy; framework bindings live in :mod:`tucker_peft.backends`.
 """
 
 from . import ranks
-from ._base import Cost, Parametrization, kinds, parametrization, register
+from ._base import Cost, Parametrization, kinds, lookup, parametrization, register
 from ._decomp import hooi, hosvd, multilinear_project, parafac
 from ._errors import BackendMismatchError, InitError, ParamsError, RankError, TuckerPeftError
 from ._version import __version__
 from .cp import CP
 from .lora import LoRA
+from .loha import LoHa
+from .lokr import LoKr
+from .tt import TT
 from .tucker import Tucker, Tucker2
 from . import optim
 from .adapter import Adapter, StateDictError
@@ -25,9 +28,13 @@ __all__ = [
     "Tucker2",
     "CP",
     "LoRA",
+    "TT",
+    "LoKr",
+    "LoHa",
     "parametrization",
     "register",
     "kinds",
+    "lookup",
     "hosvd",
     "hooi",
     "parafac",

@@ -4,13 +4,19 @@ A parametrisation describes ΔW of a fixed shape as one einsum of small
 parameter arrays. Reconstruction, the analytic vjp, application to inputs
 without building ΔW, and the FLOP model are all derived from that einsum and
 planned once per shape with opt_einsum.
+
+Kinds are found by name in a registry: the built-in ones register on import,
+third-party ones through :func:`register` or the entry-point group
+``tucker_peft.kinds`` (read on the first lookup of an unknown name).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import operator
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -18,13 +24,14 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 import opt_einsum
-from array_api_compat import to_device
+from array_api_compat import device as _dispatch_device, to_device
 
 from . import _dispatch
 from ._dispatch import ArrayContext, contract, contract_vjp, plan_cost, vjp_cost
 from ._errors import InitError, ParamsError, RankError, TuckerPeftError, fmt_shape
 
-__all__ = ["Parametrization", "Cost", "register", "parametrization", "kinds", "MAX_MODES"]
+__all__ = ["Parametrization", "Cost", "register", "parametrization", "kinds", "lookup", "ENTRY_POINT_GROUP",
+           "MAX_MODES"]
 
 Params = dict[str, Any]
 
@@ -47,6 +54,31 @@ def check_int(value: Any, what: str, low: int, high: int | None = None,
 def check_rank(value: Any, what: str, low: int, high: int) -> int:
     """Validate one integer rank in ``[low, high]`` (raises :class:`RankError`)."""
     return check_int(value, what, low, high, RankError)
+
+
+def mode_ranks(shape: tuple[int, ...], ranks: Any) -> tuple[int | None, ...]:
+    """Per-mode ranks: an int broadcast and clipped to each mode, or one int/None per mode in ``[1, I_n]``.
+
+    ``None`` (alone or per mode) leaves a mode unfactorised. Used by Tucker
+    and by :func:`tucker_peft.hosvd`; raises :class:`RankError`.
+    """
+    if ranks is None:
+        return (None,) * len(shape)
+    if isinstance(ranks, bool):
+        raise RankError(f"ranks: expected an int or a sequence of {len(shape)} ints/None, got {ranks!r}")
+    if isinstance(ranks, (int, np.integer)):
+        r = check_rank(ranks, "ranks", 1, sys.maxsize)  # broadcast ints are clipped, never rejected
+        return tuple(min(r, d) for d in shape)
+    if isinstance(ranks, str) or not isinstance(ranks, Sequence):
+        raise RankError(f"ranks: expected an int or a sequence of {len(shape)} ints/None, got {ranks!r}")
+    if len(ranks) != len(shape):
+        raise RankError(
+            f"ranks: expected {len(shape)} values (one per mode of shape {fmt_shape(shape)}), got {len(ranks)}: {tuple(ranks)!r}"
+        )
+    return tuple(
+        None if r is None else check_rank(r, f"ranks[{n}] (mode of size {d})", 1, d)
+        for n, (r, d) in enumerate(zip(ranks, shape))
+    )
 
 
 def check_scale(scale: Any, what: str = "scale", *, nonzero: bool = False,
@@ -134,9 +166,6 @@ class Cost:
 class Parametrization(ABC):
     """A low-rank change ΔW of a fixed N-D shape, written as one einsum.
 
-    Subclasses define :attr:`param_shapes`, the einsum terms and the
-    initialisers; everything else is derived here.
-
     Parameters
     ----------
     shape : tuple of int
@@ -144,6 +173,38 @@ class Parametrization(ABC):
     max_modes : int, optional (keyword only)
         Accept more modes than :data:`MAX_MODES` (12). Not part of the spec's
         identity (equality, hash, repr).
+
+    Notes
+    -----
+    **The kind contract.** A kind is a frozen dataclass subclass, registered
+    by name (:func:`register` or the entry-point group ``tucker_peft.kinds``).
+    It defines:
+
+    - :attr:`param_shapes` — name → shape of each parameter array;
+    - :meth:`terms` — the einsum: one ``(name, view_shape, subscripts)`` per
+      operand, using :meth:`mode_symbol` / :meth:`rank_symbol` letters;
+      :attr:`split_shape` lets a kind split modes into factors (Kronecker,
+      tensorised trains): the einsum's output is then over the factors;
+    - :meth:`initialize` — the params of each canonical init method:
+      ``'zero'`` (ΔW = 0 exactly), ``'random'``, and :attr:`principal_init`,
+      the decomposition of a given tensor (listed in :attr:`tensor_methods`);
+    - :meth:`budget_family` — the family :func:`tucker_peft.ranks.for_budget`
+      searches;
+    - :meth:`clip` — ranks clipped to what a shape allows (:meth:`for_ranks`
+      builds the spec).
+
+    and may override, for speed or features:
+
+    - :attr:`zero_block_size` — entries set to zero by the ``'zero'`` init;
+    - :meth:`matched_scale` — the factor of ``scale_rule='matched'``;
+    - :meth:`factored` — the three-stage form ``(P_out, S, P_in, mg)``
+      used by a binding's factorised forward (``None``: rebuild ΔW);
+    - :meth:`lora_factors` — exact LoRA factors for export (``None`` and
+      :attr:`lora_note` when there are none);
+    - :meth:`describe_ranks` — the ranks as shown in summaries and the CLI.
+
+    Reconstruction, vjp, application and the FLOP model are derived from
+    :meth:`terms` here.
     """
 
     shape: tuple[int, ...]
@@ -154,21 +215,44 @@ class Parametrization(ABC):
     init_methods: ClassVar[Mapping[str, str]] = {"zero": "zero", "random": "random"}
     #: Canonical init methods that need ``tensor=``.
     tensor_methods: ClassVar[frozenset[str]] = frozenset()
+    #: The canonical method that decomposes a given tensor (the pretrained
+    #: weight, a fine-tuning delta); ``None`` if the kind has none.
+    principal_init: ClassVar[str | None] = None
+    #: Why :meth:`lora_factors` returns None for this kind (empty if it never does).
+    lora_note: ClassVar[str] = ""
 
-    # -- subclass contract -------------------------------------------------
+    # -- the kind contract -------------------------------------------------
     @property
     @abstractmethod
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Name → shape of each parameter array, in a fixed order."""
 
-    @abstractmethod
-    def _terms(self) -> tuple[tuple[str, tuple[int, ...], str], ...]:
-        """``(name, view_shape, subscripts)`` of each einsum operand; output is the modes."""
+    def terms(self) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+        """``(name, view_shape, subscripts)`` of each einsum operand.
 
-    @abstractmethod
-    def _init(self, method: str, ctx: ArrayContext, rng: np.random.Generator, tensor: Any,
-              scale: float, options: dict[str, Any]) -> Params:
-        """Make params for a canonical ``method``; pop what is used from ``options``."""
+        Each param (in :attr:`param_shapes`) is reshaped to ``view_shape`` and
+        labelled by ``subscripts``; the output is :attr:`output_subscripts`
+        (one :meth:`mode_symbol` per factor of :attr:`split_shape`).
+        """
+        legacy = getattr(self, "_terms", None)
+        if legacy is None:
+            raise NotImplementedError(f"kind {self.kind!r} must define terms()")
+        return tuple(legacy())
+
+    def initialize(self, method: str, ctx: ArrayContext, rng: np.random.Generator, tensor: Any,
+                   scale: float, options: dict[str, Any]) -> Params:
+        """Params for a canonical init ``method`` (a value of :attr:`init_methods`).
+
+        ``ctx`` makes arrays (``ctx.asarray(numpy_array)``, ``ctx.zeros(shape)``,
+        ``ctx.xp``, ``ctx.dtype``); ``rng`` is the only source of randomness;
+        ``tensor`` (shape :attr:`shape`, already checked finite) is given for
+        :attr:`tensor_methods`, which make ``scale · ΔW`` approximate it. Pop
+        what is used from ``options``: leftovers are reported as unexpected.
+        """
+        legacy = getattr(self, "_init", None)
+        if legacy is None:
+            raise NotImplementedError(f"kind {self.kind!r} must define initialize()")
+        return legacy(method, ctx, rng, tensor, scale, options)
 
     @classmethod
     def budget_family(cls, shape: tuple[int, ...], **constraints: Any) -> tuple[Callable[[int], "Parametrization"], int]:
@@ -178,6 +262,125 @@ class Parametrization(ABC):
         implements it to take part in budget matching.
         """
         raise TuckerPeftError(f"kind {cls.kind!r} does not support budget matching")
+
+    @classmethod
+    def clip(cls, shape: Sequence[int], ranks: Any) -> Any:
+        """``ranks`` clipped to what ``shape`` allows (each rank at most its maximum).
+
+        Ints below 1 and other malformed ranks are left for the constructor
+        to reject. The default returns ``ranks`` unchanged.
+        """
+        return ranks
+
+    @classmethod
+    def for_ranks(cls, shape: Sequence[int], ranks: Any, **options: Any) -> "Parametrization":
+        """``cls(shape, clip(shape, ranks), **options)``: the spec at ``ranks``, clipped to ``shape``."""
+        shape = check_shape(shape, options.get("max_modes"))
+        return cls(shape, cls.clip(shape, ranks), **options)  # type: ignore[call-arg]
+
+    @property
+    def zero_block_size(self) -> int:
+        """Number of entries that :meth:`init` ``('zero')`` sets to zero (e.g. Tucker's core, CP's λ, LoRA's B)."""
+        params = self.init("zero", seed=0)
+        return sum(int(v.size) for v in params.values() if not np.any(v))
+
+    def matched_scale(self) -> float:
+        """The factor ``scale_rule='matched'`` multiplies alpha by; 1 by default.
+
+        Kinds whose ``'zero'`` init can put orthonormal factors next to the
+        zero block (``init('zero', orthonormal=True)``: Tucker, CP, TT) return
+        :meth:`orthonormal_matched_scale`.
+        """
+        return 1.0
+
+    def orthonormal_matched_scale(self) -> float:
+        """√(out·r_L/3) / √n₀, n₀ = :attr:`zero_block_size`, r_L the LoRA rank of the same budget.
+
+        With orthonormal factors, a sign step of size lr on the n₀ zero
+        entries changes ΔW by lr·√n₀ in Frobenius norm; PEFT's LoRA
+        (B = 0, A ~ U(±1/√K)) by lr·√(out·r_L/3).
+        """
+        out, k = self.shape[0], math.prod(self.shape[1:])
+        r_lora = self.num_params / (out + k)
+        return math.sqrt(out * r_lora / 3.0) / math.sqrt(max(1, self.zero_block_size))
+
+    def factored(self, params: Mapping[str, Any], scale: Any = 1.0) -> tuple[Any, Any, Any, int] | None:
+        """The three-stage form of ``scale · ΔW`` on a weight ``(out, in, *kernel)``, or None.
+
+        ``(P_out, S, P_in, mg)`` with ``P_out: (out, m_out)``,
+        ``S: (m_out, m_in / mg, *kernel)``, ``P_in: (in, m_in)`` and
+        ``ΔW = P_out ×_0 S ×_1 P_in``; a ``None`` projection is the identity
+        and ``mg > 1`` means S is block-diagonal in ``mg`` groups (CP's
+        diagonal). ``scale`` is folded into S. None (the default) means the
+        kind has no such form: bindings rebuild ΔW.
+        """
+        return None
+
+    def lora_factors(self, params: Mapping[str, Any], scale: Any = 1.0) -> tuple[Any, Any] | None:
+        """Exact LoRA factors ``(B, A)`` with ``B @ A = scale · ΔW`` unfolded to ``(out, Π shape[1:])``.
+
+        Derived from :meth:`factored`; None (see :attr:`lora_note`) when the
+        kind has no exact low-rank unfolding.
+        """
+        f = self.factored(params, scale)
+        if f is None:
+            return None
+        p_out, s, p_in, mg = f
+        xp = _dispatch.namespace(s)
+        kernel = tuple(s.shape[2:])
+        m, j, i = self._sym(0), self._sym(1), self._sym(2)
+        k = "".join(self._sym(3 + n) for n in range(len(kernel)))
+        if mg > 1:  # block-diagonal S: (m, 1, *kernel) with P_in (in, m)
+            a = contract(f"{m}{k},{i}{m}->{m}{i}{k}", xp.reshape(s, (s.shape[0], *kernel)), p_in)
+        elif p_in is not None:
+            a = contract(f"{m}{j}{k},{i}{j}->{m}{i}{k}", s, p_in)
+        else:
+            a = s
+        b = p_out if p_out is not None else xp.eye(self.shape[0], dtype=s.dtype, device=_dispatch_device(s))
+        return b, xp.reshape(a, (a.shape[0], -1))
+
+    def describe_ranks(self) -> str:
+        """The ranks as shown in summaries and the CLI (default: the field after ``shape``)."""
+        import dataclasses
+
+        names = [f.name for f in dataclasses.fields(self) if f.name != "shape" and not f.kw_only]
+        if not names:
+            return "-"
+        v = getattr(self, names[0])
+        if isinstance(v, tuple):
+            return ",".join("*" if r is None else str(r) for r in v)
+        return str(v)
+
+    # -- einsum letters ----------------------------------------------------
+    @property
+    def split_shape(self) -> tuple[tuple[int, ...], ...]:
+        """Each mode's factors in the einsum (C order): ``((I_1,), ..., (I_N,))`` unless a kind splits modes."""
+        return tuple((d,) for d in self.shape)
+
+    @cached_property
+    def _fine(self) -> tuple[int, ...]:
+        return tuple(f for fs in self.split_shape for f in fs)
+
+    @cached_property
+    def _fine_start(self) -> tuple[int, ...]:
+        out, k = [], 0
+        for fs in self.split_shape:
+            out.append(k)
+            k += len(fs)
+        return tuple(out)
+
+    def mode_symbol(self, n: int, j: int = 0) -> str:
+        """Einsum letter of factor ``j`` of mode ``n`` (the mode itself when it is not split)."""
+        return self._sym(self._fine_start[n] + j)
+
+    def rank_symbol(self, k: int) -> str:
+        """Einsum letter number ``k`` for a rank (bond, internal) index; never a mode letter."""
+        return self._sym(len(self._fine) + k)
+
+    @property
+    def output_subscripts(self) -> str:
+        """The einsum's output: every factor of every mode, in order."""
+        return "".join(self._sym(i) for i in range(len(self._fine)))
 
     # -- derived -----------------------------------------------------------
     @property
@@ -194,18 +397,22 @@ class Parametrization(ABC):
         return opt_einsum.get_symbol(i)
 
     def _mode(self, n: int) -> str:
-        return self._sym(n)
+        return self.mode_symbol(n)
 
     def _rank(self, n: int) -> str:
-        return self._sym(self.ndim + n)
+        return self.rank_symbol(n)
+
+    @cached_property
+    def _split(self) -> bool:
+        return len(self._fine) != self.ndim
 
     @cached_property
     def _out(self) -> str:
-        return "".join(self._mode(n) for n in range(self.ndim))
+        return self.output_subscripts
 
     @cached_property
     def _term_list(self) -> tuple[tuple[str, tuple[int, ...], str], ...]:
-        return tuple(self._terms())
+        return tuple(self.terms())
 
     @cached_property
     def _views(self) -> tuple[tuple[int, ...], ...]:
@@ -216,10 +423,19 @@ class Parametrization(ABC):
         return ",".join(s for _, _, s in self._term_list) + "->" + self._out
 
     @cached_property
+    def _head(self) -> int:
+        """Number of einsum output letters that belong to mode 0."""
+        return len(self.split_shape[0])
+
+    @cached_property
     def _apply_eq(self) -> str:
-        batch = self._sym(2 * self.ndim)
-        x = batch + self._out[1:]
-        return ",".join([x] + [s for _, _, s in self._term_list]) + "->" + batch + self._out[0]
+        used = set(self._recon_eq)
+        batch = next(self._sym(i) for i in itertools.count(len(self._fine)) if self._sym(i) not in used)
+        x = batch + self._out[self._head:]
+        return ",".join([x] + [s for _, _, s in self._term_list]) + "->" + batch + self._out[: self._head]
+
+    def _fine_tail(self) -> tuple[int, ...]:
+        return self._fine[self._head:]
 
     def check_params(self, params: Mapping[str, Any], *extra: tuple[str, Any]) -> Any:
         """Validate keys and shapes of ``params``; return their array namespace.
@@ -273,7 +489,8 @@ class Parametrization(ABC):
         """
         xp = self.check_params(params)
         ops = self._fold_scale(self._operands(xp, params), scale)
-        return contract(self._recon_eq, *ops)
+        out = contract(self._recon_eq, *ops)
+        return xp.reshape(out, self.shape) if self._split else out
 
     def vjp(self, params: Mapping[str, Any], cotangent: Any, scale: float = 1.0) -> Params:
         """Gradients of ⟨cotangent, ΔW⟩ with respect to each parameter.
@@ -298,6 +515,8 @@ class Parametrization(ABC):
             raise ParamsError(f"cotangent: expected shape {fmt_shape(self.shape)}, got {fmt_shape(cotangent.shape)}")
         ops = self._operands(xp, params)
         k, ops = self._fold_scale_at(ops, scale)
+        if self._split:
+            cotangent = xp.reshape(cotangent, self._fine)
         return self._param_grads(xp, contract_vjp(self._recon_eq, ops, cotangent), k, scale)
 
     def _fold_scale_at(self, ops: list[Any], scale: Any) -> tuple[int | None, list[Any]]:
@@ -346,14 +565,13 @@ class Parametrization(ABC):
         array, shape ``(*batch, shape[0])``
         """
         xp = self.check_params(params, ("x", x))
-        tail = self.shape[1:]
         lead = self.batch_shape(x)
         n = math.prod(lead)
         if strategy == "auto":
             strategy = self.cost(n).best_apply
         if strategy == "factorized":
             ops = self._fold_scale(self._operands(xp, params), scale)
-            y = contract(self._apply_eq, xp.reshape(x, (n, *tail)), *ops)
+            y = contract(self._apply_eq, xp.reshape(x, (n, *self._fine_tail())), *ops)
         elif strategy == "rebuild":
             dw = xp.reshape(self.reconstruct(params, scale), (self.shape[0], -1))
             y = xp.matmul(xp.reshape(x, (n, -1)), xp.matrix_transpose(dw))
@@ -388,6 +606,9 @@ class Parametrization(ABC):
             strategy = self.cost(n).best_apply
         x2 = xp.reshape(x, (n, *tail))
         g2 = xp.reshape(grad_out, (n, self.shape[0]))
+        if strategy == "factorized" and self._split:
+            x2 = xp.reshape(x, (n, *self._fine_tail()))
+            g2 = xp.reshape(grad_out, (n, *self._fine[: self._head]))
         if strategy == "rebuild":
             k = math.prod(tail)
             dw = xp.reshape(self.reconstruct(params, scale), (self.shape[0], k))
@@ -407,7 +628,7 @@ class Parametrization(ABC):
         recon = plan_cost(self._recon_eq, views)
         vjp = vjp_cost(self._recon_eq, views)
         dense = 2 * n * math.prod(self.shape)
-        fact = plan_cost(self._apply_eq, ((n, *self.shape[1:]),) + views)
+        fact = plan_cost(self._apply_eq, ((n, *self._fine_tail()),) + views)
         return Cost(reconstruct=recon, vjp=vjp, apply_rebuild=recon + dense, apply_factorized=fact)
 
     # -- initialisation ----------------------------------------------------
@@ -457,7 +678,7 @@ class Parametrization(ABC):
         ctx = ArrayContext.resolve(like=like, tensor=tensor, dtype=dtype)
         rng = np.random.default_rng(seed)
         opts = dict(options)
-        params = self._init(canon, ctx, rng, tensor, scale, opts)
+        params = self.initialize(canon, ctx, rng, tensor, scale, opts)
         if opts:
             raise InitError(f"unexpected options for init {method!r} of kind {self.kind!r}: {sorted(opts)}")
         if return_residual:
@@ -479,6 +700,10 @@ class Parametrization(ABC):
 
 
 _REGISTRY: dict[str, Callable[..., Parametrization]] = {}
+#: Entry-point group through which installed packages provide kinds.
+ENTRY_POINT_GROUP = "tucker_peft.kinds"
+_PENDING: dict[str, Any] = {}  # name -> entry point, not loaded yet
+_SCANNED = False
 
 
 def register(name: str, factory: Callable[..., Parametrization] | None = None, *, overwrite: bool = False) -> Any:
@@ -486,30 +711,89 @@ def register(name: str, factory: Callable[..., Parametrization] | None = None, *
 
     ``factory(shape, **kw)`` must return a :class:`Parametrization`. A class
     whose :meth:`~Parametrization.budget_family` is implemented also works
-    with :mod:`tucker_peft.ranks`.
+    with :mod:`tucker_peft.ranks`. Installed packages can instead declare an
+    entry point in the group ``tucker_peft.kinds`` (``name = "pkg.module:Kind"``);
+    it is imported on the first lookup of ``name``.
     """
+    if not isinstance(name, str) or not name:
+        raise TuckerPeftError(f"name: expected a non-empty str, got {name!r}")
     key = name.lower()
 
     def deco(f: Callable[..., Parametrization]) -> Callable[..., Parametrization]:
+        if not callable(f):
+            raise TuckerPeftError(f"kind {name!r}: expected a Parametrization class or factory, got {f!r}")
         if key in _REGISTRY and _REGISTRY[key] is not f and not overwrite:
             raise TuckerPeftError(f"kind {name!r} is already registered; pass overwrite=True to replace it")
         _REGISTRY[key] = f
+        _PENDING.pop(key, None)
         return f
 
     return deco if factory is None else deco(factory)
 
 
+def _scan_entry_points() -> None:
+    """Note (without importing) the kinds installed packages declare; once per process."""
+    global _SCANNED
+    if _SCANNED:
+        return
+    _SCANNED = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        key = ep.name.lower()
+        if key not in _REGISTRY:
+            _PENDING.setdefault(key, ep)
+
+
+def _load_entry_point(key: str) -> Callable[..., Parametrization]:
+    ep = _PENDING[key]
+    try:
+        obj = ep.load()
+    except Exception as exc:  # an installed package's import error, reported with its origin
+        raise TuckerPeftError(f"kind {key!r}: entry point {ep.value!r} (group {ENTRY_POINT_GROUP!r}) failed to load: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    if not callable(obj):
+        raise TuckerPeftError(f"kind {key!r}: entry point {ep.value!r} (group {ENTRY_POINT_GROUP!r}) gave {obj!r}; "
+                              "expected a Parametrization class or factory")
+    return register(key, obj)
+
+
 def kinds() -> tuple[str, ...]:
-    """Names of the registered kinds."""
-    return tuple(sorted(_REGISTRY))
+    """Names of the registered kinds, including those declared by entry points (not imported)."""
+    _scan_entry_points()
+    return tuple(sorted(set(_REGISTRY) | set(_PENDING)))
 
 
 def lookup(kind: str) -> Callable[..., Parametrization]:
-    if not isinstance(kind, str) or kind.lower() not in _REGISTRY:
-        raise TuckerPeftError(f"kind: expected one of {list(kinds())}, got {kind!r}")
-    return _REGISTRY[kind.lower()]
+    """The class (or factory) of a kind: a registered name, an entry-point name, or ``'module:Class'``."""
+    if isinstance(kind, str):
+        key = kind.lower()
+        if key in _REGISTRY:
+            return _REGISTRY[key]
+        _scan_entry_points()
+        if key in _PENDING:
+            return _load_entry_point(key)
+        if ":" in kind:
+            return _import_kind(kind)
+    raise TuckerPeftError(f"kind: expected one of {list(kinds())} or 'module:Class', got {kind!r}")
+
+
+def _import_kind(ref: str) -> Callable[..., Parametrization]:
+    import importlib
+
+    mod, _, attr = ref.partition(":")
+    try:
+        obj: Any = importlib.import_module(mod)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise TuckerPeftError(f"kind: {ref!r} could not be imported ({type(exc).__name__}: {exc}); "
+                              "expected 'module:Class' naming a Parametrization") from None
+    if not (isinstance(obj, type) and issubclass(obj, Parametrization)):
+        raise TuckerPeftError(f"kind: {ref!r} is {obj!r}; expected a Parametrization subclass")
+    return obj
 
 
 def parametrization(kind: str, shape: Sequence[int], **kw: Any) -> Parametrization:
     """Build a parametrisation by name: ``parametrization('tucker', (64, 32, 3, 3), ranks=8)``."""
-    return lookup(kind)(shape, **kw)
+    return lookup(kind)(check_shape(shape, kw.get("max_modes")), **kw)

@@ -1,4 +1,4 @@
-"""HOSVD, HOOI and CP fitting, written against the array API.
+"""HOSVD, HOOI and CP-ALS, written against the array API (no global state, on the arrays' device).
 
 The leading singular vectors of a mode-n unfolding come from an
 eigendecomposition of its small Gram matrix ``X_(n) X_(n)ᵀ`` (``I_n × I_n``),
@@ -13,17 +13,16 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import warnings
 from typing import Any, Sequence
 
 import numpy as np
 from array_api_compat import device
 
-from ._base import check_tensor
-from ._dispatch import contract, namespace, to_numpy
+from ._base import check_int, check_rank, check_shape, check_tensor, mode_ranks
+from ._dispatch import contract, namespace
 from ._errors import TuckerPeftError, fmt_shape
 
-__all__ = ["hosvd", "hooi", "parafac", "multilinear_project"]
+__all__ = ["hosvd", "hooi", "parafac", "multilinear_project", "max_cp_rank", "CPALS", "sym_pinv"]
 
 
 def _fix_signs(xp: Any, u: Any) -> Any:
@@ -136,10 +135,8 @@ def _st_order(shape: tuple[int, ...], ranks: tuple[int | None, ...]) -> tuple[in
 
 
 def _ranks_for(tensor: Any, ranks: Any) -> tuple[int | None, ...]:
-    from .tucker import Tucker
-
     # A tensor given directly is decomposed whatever its number of modes (no spec cap).
-    return Tucker(tuple(tensor.shape), ranks, max_modes=max(tensor.ndim, 1)).ranks
+    return mode_ranks(check_shape(tuple(tensor.shape), max(tensor.ndim, 1)), ranks)
 
 
 def hosvd(tensor: Any, ranks: Any, *, sequential: bool = True) -> tuple[Any, tuple[Any | None, ...]]:
@@ -231,36 +228,124 @@ def hooi(tensor: Any, ranks: Any, *, n_iter: int = 10, tol: float | None = 1e-8)
     return core, tuple(factors)
 
 
-def parafac(tensor: Any, rank: int, *, n_iter: int = 100, tol: float = 1e-8, seed: int | None = 0) -> tuple[Any, tuple[Any, ...]]:
-    """CP decomposition by alternating least squares (delegates to tensorly).
+def max_cp_rank(shape: tuple[int, ...]) -> int:
+    """Largest useful CP rank: every tensor has rank ≤ Π I_n / max I_n."""
+    return max(1, math.prod(shape) // max(shape))
 
-    Starts from the leading singular vectors of each unfolding (tensorly's
-    ``init='svd'``). The fit runs on the host with tensorly's NumPy backend,
-    inside a local backend context, and the result returns to ``tensor``'s
-    library, device and dtype.
+
+def sym_pinv(xp: Any, v: Any) -> Any:
+    """Pseudo-inverse of a symmetric PSD matrix (the normal equations), by eigh.
+
+    Minimum-norm least squares with no host check for a singular matrix; unlike
+    ``linalg.pinv`` on CuPy (a masked assignment) it never synchronises. The
+    small eigenproblem runs in float64, as in HOSVD.
+    """
+    v64 = xp.astype(v, xp.float64)
+    w, q = xp.linalg.eigh((v64 + xp.matrix_transpose(v64)) / 2)
+    tol = xp.max(xp.abs(w)) * v.shape[0] * xp.finfo(xp.float64).eps
+    keep = w > tol
+    inv = xp.where(keep, 1 / xp.where(keep, w, xp.ones_like(w)), xp.zeros_like(w))
+    return xp.astype(xp.matmul(q * inv, xp.matrix_transpose(q)), v.dtype)
+
+
+class CPALS:
+    """CP-ALS on the target's device: each factor from its R×R normal equations, columns normalised into λ.
+
+    ``weights`` (R,) and ``factors`` (I_n, R) are the start; :meth:`sweep`
+    updates them in place. Used by :func:`parafac` and :func:`tucker_peft.fit`.
+    """
+
+    def __init__(self, xp: Any, target: Any, weights: Any, factors: Sequence[Any]) -> None:
+        from opt_einsum import get_symbol
+
+        self.xp, self.target = xp, target
+        self.weights, self.factors = weights, list(factors)
+        nd, r = target.ndim, get_symbol(2 * target.ndim)
+        modes = "".join(get_symbol(i) for i in range(nd))
+        # MTTKRP of mode n: target contracted with every other factor.
+        self.eqs = [",".join([modes] + [modes[m] + r for m in range(nd) if m != n]) + "->" + modes[n] + r
+                    for n in range(nd)]
+        self._last_mttkrp: Any = None
+
+    def sweep(self) -> None:
+        xp, nd = self.xp, self.target.ndim
+        grams = [xp.matmul(xp.matrix_transpose(a), a) for a in self.factors]
+        for n in range(nd):
+            v = None
+            for m in range(nd):
+                if m != n:
+                    v = grams[m] if v is None else v * grams[m]
+            mt = contract(self.eqs[n], self.target, *[self.factors[m] for m in range(nd) if m != n])
+            a = xp.matmul(mt, sym_pinv(xp, v))
+            lam = xp.sqrt(xp.sum(a * a, axis=0))
+            a = a / xp.where(lam > 0, lam, xp.ones_like(lam))
+            self.factors[n], self.weights = a, lam
+            grams[n] = xp.matmul(xp.matrix_transpose(a), a)
+        self._last_mttkrp, self._grams = mt, grams
+
+    def error2(self, norm2: Any) -> Any:
+        """‖target − [[λ; A]]‖² after a sweep, from the last MTTKRP and the Gram matrices (no rebuild)."""
+        xp = self.xp
+        inner = xp.sum(xp.sum(self._last_mttkrp * self.factors[-1], axis=0) * self.weights)
+        g = self._grams[0]
+        for m in range(1, len(self._grams)):
+            g = g * self._grams[m]
+        model = xp.sum(xp.matmul(g, self.weights) * self.weights)
+        return norm2 - 2 * inner + model
+
+
+def parafac(tensor: Any, rank: int, *, n_iter: int = 100, tol: float | None = 1e-8,
+            seed: int | None = 0) -> tuple[Any, tuple[Any, ...]]:
+    """CP decomposition by alternating least squares, on ``tensor``'s own library and device.
+
+    Starts from the leading left singular vectors of each unfolding (random
+    columns complete a mode smaller than ``rank``), then runs :class:`CPALS`
+    sweeps in float64 until the relative error changes by less than ``tol``
+    (``None``: all ``n_iter`` sweeps). No global state is touched (tensorly is
+    not used), so other threads' array backends are left alone.
+
+    Parameters
+    ----------
+    tensor : array, shape ``(I_1, ..., I_N)``, N ≥ 2, finite
+    rank : int
+        In ``[1, Π I_n / max I_n]``.
 
     Returns
     -------
     weights : array, shape ``(rank,)``
     factors : tuple of arrays, shapes ``(I_n, rank)``, unit-norm columns
+        In ``tensor``'s library, device and dtype.
     """
-    import numpy as np
-    import tensorly as tl
-    from tensorly.decomposition import parafac as tl_parafac
-
-    from .cp import CP
-
     xp = check_tensor(tensor)
-    rank = CP(tuple(tensor.shape), rank).rank
-    host = np.asarray(to_numpy(tensor), dtype=np.float64)
-    if tensor.ndim == 1:
+    if tensor.ndim < 2:
         raise TuckerPeftError(f"tensor: CP fitting needs at least 2 modes, got shape {fmt_shape(tensor.shape)}")
-    with tl.backend_context("numpy"), warnings.catch_warnings():
-        # A rank above a mode's size pads the SVD start with random columns; tensorly warns.
-        warnings.filterwarnings("ignore", message=".*n_eigenvecs.*")
-        cp = tl_parafac(host, rank, n_iter_max=n_iter, init="svd", tol=tol, normalize_factors=True,
-                        random_state=seed)
-    def back(a: Any) -> Any:
-        return xp.asarray(np.ascontiguousarray(a), dtype=tensor.dtype, device=device(tensor))
+    shape = tuple(tensor.shape)
+    rank = check_rank(rank, f"rank (CP of shape {shape})", 1, max_cp_rank(shape))
+    n_iter = check_int(n_iter, "n_iter", 0)
+    if tol is not None and not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol >= 0):
+        raise TuckerPeftError(f"tol: expected a number >= 0 or None, got {tol!r}")
+    t = xp.astype(tensor, xp.float64)
+    dev = device(t)
+    rng = np.random.default_rng(seed)
+    factors = []
+    for n, d in enumerate(shape):
+        u, _ = leading_left_singular(xp, t, n, min(rank, d))
+        if rank > d:  # as tensorly's svd init: random columns beyond the mode's size
+            u = xp.concat([u, xp.asarray(rng.standard_normal((d, rank - d)), device=dev)], axis=1)
+        factors.append(u)
+    als = CPALS(xp, t, xp.ones(rank, dtype=xp.float64, device=dev), factors)
+    norm2 = xp.sum(t * t)
+    scale2 = max(float(norm2), 1e-300) if tol is not None else 1.0
+    prev = None
+    for _ in range(n_iter):
+        als.sweep()
+        if tol is not None:
+            err = math.sqrt(max(float(als.error2(norm2)), 0.0) / scale2)
+            if prev is not None and abs(prev - err) < tol:
+                break
+            prev = err
 
-    return back(cp.weights), tuple(back(f) for f in cp.factors)
+    def back(a: Any) -> Any:
+        return xp.astype(a, tensor.dtype)
+
+    return back(als.weights), tuple(back(f) for f in als.factors)

@@ -10,16 +10,11 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import numpy as np
 
 from ._base import Parametrization, Params, check_rank, check_shape, register
-from ._decomp import parafac
-from ._dispatch import ArrayContext, namespace
+from ._decomp import max_cp_rank, parafac
+from ._dispatch import ArrayContext, contract, namespace
 from ._errors import TuckerPeftError
 
 __all__ = ["CP"]
-
-
-def max_cp_rank(shape: tuple[int, ...]) -> int:
-    """Largest useful CP rank: every tensor has rank ≤ Π I_n / max I_n."""
-    return max(1, math.prod(shape) // max(shape))
 
 
 @dataclass(frozen=True)
@@ -46,11 +41,41 @@ class CP(Parametrization):
     init_methods: ClassVar[Mapping[str, str]] = {"zero": "zero", "random": "random", "parafac": "parafac",
                                                  "als": "parafac", "hosvd": "parafac"}
     tensor_methods: ClassVar[frozenset[str]] = frozenset({"parafac"})
+    principal_init: ClassVar[str | None] = "parafac"
 
     def __post_init__(self) -> None:
         shape = check_shape(self.shape, self.max_modes)
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "rank", check_rank(self.rank, f"rank (CP of shape {shape})", 1, max_cp_rank(shape)))
+
+    @classmethod
+    def clip(cls, shape: Sequence[int], ranks: Any) -> Any:
+        """``min(R, Π I_n / max I_n)``."""
+        if isinstance(ranks, (int, np.integer)) and not isinstance(ranks, bool):
+            return min(ranks, max_cp_rank(check_shape(shape)))
+        return ranks
+
+    @property
+    def zero_block_size(self) -> int:
+        """λ."""
+        return self.rank
+
+    def matched_scale(self) -> float:
+        return self.orthonormal_matched_scale()
+
+    def factored(self, params: Mapping[str, Any], scale: Any = 1.0) -> tuple[Any, Any, Any, int] | None:
+        """``(a^(0), s·λ ∘ a^(k≥2) as (R, 1, *kernel), a^(1), R)``: a diagonal middle op."""
+        if self.ndim < 2:
+            return None
+        xp = namespace(params["weights"])
+        w = params["weights"] * scale
+        kernel = self.shape[2:]
+        if kernel:
+            r = self.rank_symbol(0)
+            ks = "".join(self.mode_symbol(n + 2) for n in range(len(kernel)))
+            eq = ",".join([r] + [self.mode_symbol(n + 2) + r for n in range(len(kernel))]) + "->" + r + ks
+            w = contract(eq, w, *[params[f"factor_{n + 2}"] for n in range(len(kernel))])
+        return params["factor_0"], xp.reshape(w, (self.rank, 1, *kernel)), params["factor_1"], self.rank
 
     @cached_property
     def param_shapes(self) -> dict[str, tuple[int, ...]]:  # type: ignore[override]
@@ -58,19 +83,23 @@ class CP(Parametrization):
         out.update({f"factor_{n}": (d, self.rank) for n, d in enumerate(self.shape)})
         return out
 
-    def _terms(self) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+    def terms(self) -> tuple[tuple[str, tuple[int, ...], str], ...]:
         r = self._rank(0)
         return (("weights", (self.rank,), r),) + tuple(
             (f"factor_{n}", (d, self.rank), self._mode(n) + r) for n, d in enumerate(self.shape)
         )
 
-    def _init(self, method: str, ctx: ArrayContext, rng: np.random.Generator, tensor: Any,
+    def initialize(self, method: str, ctx: ArrayContext, rng: np.random.Generator, tensor: Any,
               scale: float, options: dict[str, Any]) -> Params:
         if method in ("zero", "random"):
             w = np.zeros(self.rank) if method == "zero" else rng.standard_normal(self.rank)
             params: Params = {"weights": ctx.asarray(w)}
+            ortho = bool(options.pop("orthonormal", False))
             for n, d in enumerate(self.shape):
-                params[f"factor_{n}"] = ctx.asarray(rng.uniform(-1, 1, (d, self.rank)) / math.sqrt(d))
+                a = rng.uniform(-1, 1, (d, self.rank)) / math.sqrt(d)
+                if ortho:  # unit-norm columns, the CP analogue of orthonormal factors
+                    a = a / np.maximum(np.linalg.norm(a, axis=0), np.finfo(np.float64).tiny)
+                params[f"factor_{n}"] = ctx.asarray(a)
             return params
         core_mode = self._core_option(options)
         seed = int(rng.integers(2**31))

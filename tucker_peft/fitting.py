@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-from opt_einsum import get_symbol
 
 from ._base import Parametrization, check_int, check_scale, check_tensor
-from ._decomp import hooi_sweep
-from ._dispatch import contract, to_numpy
+from ._decomp import CPALS, hooi_sweep, sym_pinv as _sym_pinv
+from ._dispatch import to_numpy
 from ._errors import RankError, TuckerPeftError, fmt_shape
 from .cp import CP
 from .lora import LoRA
@@ -117,17 +116,13 @@ def _init_params(spec: Parametrization, target: Any, init: Any, scale: float, se
         params = dict(init)
         spec.check_params(params, ("target", target))
         return params
-    if init == "auto":
-        if isinstance(spec, Tucker):
-            init = "hosvd"
-        elif isinstance(spec, CP):
-            init = "parafac"
-            opts.setdefault("n_iter", 5)
-        elif isinstance(spec, LoRA):
-            init = "svd"
-        else:
-            raise TuckerPeftError(f"init: 'auto' knows tucker, tucker2, cp and lora, got kind {spec.kind!r}; "
+    if init == "auto":  # the kind's principal decomposition
+        init = spec.principal_init
+        if init is None:
+            raise TuckerPeftError(f"init: 'auto' uses the kind's principal_init, and kind {spec.kind!r} has none; "
                                   "pass a method name or params")
+        if init == "parafac":
+            opts.setdefault("n_iter", 5)
     if not isinstance(init, str):
         raise TuckerPeftError(f"init: expected 'auto', a method name or a params dict, got {type(init).__name__}")
     canon = spec.init_methods.get(init.lower())
@@ -319,48 +314,15 @@ class _TuckerALS:
         return out
 
 
-def _sym_pinv(xp: Any, v: Any) -> Any:
-    """Pseudo-inverse of a symmetric PSD matrix (the normal equations), by eigh.
-
-    Minimum-norm least squares with no host check for a singular matrix; unlike
-    ``linalg.pinv`` on CuPy (a masked assignment) it never synchronises. The
-    small eigenproblem runs in float64, as in HOSVD.
-    """
-    v64 = xp.astype(v, xp.float64)
-    w, q = xp.linalg.eigh((v64 + xp.matrix_transpose(v64)) / 2)
-    tol = xp.max(xp.abs(w)) * v.shape[0] * xp.finfo(xp.float64).eps
-    keep = w > tol
-    inv = xp.where(keep, 1 / xp.where(keep, w, xp.ones_like(w)), xp.zeros_like(w))
-    return xp.astype(xp.matmul(q * inv, xp.matrix_transpose(q)), v.dtype)
-
-
-class _CPALS:
-    """CP-ALS: each factor from its R×R normal equations, then columns normalised into λ."""
+class _CPALS(CPALS):
+    """:class:`~tucker_peft._decomp.CPALS` on a CP spec's params (λ carries the scale)."""
 
     def __init__(self, xp: Any, spec: CP, target: Any, scale: float, params: Params) -> None:
-        self.xp, self.spec, self.target, self.scale = xp, spec, target, scale
-        self.weights = params["weights"] * scale
-        self.factors = [params[f"factor_{n}"] for n in range(spec.ndim)]
-        nd, r = spec.ndim, get_symbol(2 * spec.ndim)
-        modes = "".join(get_symbol(i) for i in range(nd))
-        # MTTKRP of mode n: target contracted with every other factor.
-        self.eqs = [",".join([modes] + [modes[m] + r for m in range(nd) if m != n]) + "->" + modes[n] + r
-                    for n in range(nd)]
+        super().__init__(xp, target, params["weights"] * scale, [params[f"factor_{n}"] for n in range(spec.ndim)])
+        self.scale = scale
 
-    def sweep(self) -> Params:
-        xp, nd = self.xp, self.spec.ndim
-        grams = [xp.matmul(xp.matrix_transpose(a), a) for a in self.factors]
-        for n in range(nd):
-            v = None
-            for m in range(nd):
-                if m != n:
-                    v = grams[m] if v is None else v * grams[m]
-            mt = contract(self.eqs[n], self.target, *[self.factors[m] for m in range(nd) if m != n])
-            a = xp.matmul(mt, _sym_pinv(xp, v))
-            lam = xp.sqrt(xp.sum(a * a, axis=0))
-            a = a / xp.where(lam > 0, lam, xp.ones_like(lam))
-            self.factors[n], self.weights = a, lam
-            grams[n] = xp.matmul(xp.matrix_transpose(a), a)
+    def sweep(self) -> Params:  # type: ignore[override]
+        super().sweep()
         return self.params()
 
     def params(self) -> Params:

@@ -41,11 +41,36 @@ class LoRA(Parametrization):
     kind: ClassVar[str] = "lora"
     init_methods: ClassVar[Mapping[str, str]] = {"zero": "zero", "random": "random", "svd": "svd", "hosvd": "svd"}
     tensor_methods: ClassVar[frozenset[str]] = frozenset({"svd"})
+    principal_init: ClassVar[str | None] = "svd"
 
     def __post_init__(self) -> None:
         shape = check_shape(self.shape, self.max_modes)
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "rank", check_rank(self.rank, f"rank (LoRA of shape {shape})", 1, min(shape[0], self._k(shape))))
+
+    @classmethod
+    def clip(cls, shape: Sequence[int], ranks: Any) -> Any:
+        """``min(r, I_1, I_2·…·I_N)``."""
+        if isinstance(ranks, (int, np.integer)) and not isinstance(ranks, bool):
+            shape = check_shape(shape)
+            return min(ranks, shape[0], cls._k(shape))
+        return ranks
+
+    @property
+    def zero_block_size(self) -> int:
+        """B."""
+        return self.shape[0] * self.rank
+
+    def factored(self, params: Mapping[str, Any], scale: Any = 1.0) -> tuple[Any, Any, Any, int] | None:
+        """``(B, s·A as (r, *shape[1:]), None, 1)``."""
+        if self.ndim < 2:
+            return None
+        xp = namespace(params["A"])
+        return params["B"], xp.reshape(params["A"] * scale, (self.rank, *self.shape[1:])), None, 1
+
+    def lora_factors(self, params: Mapping[str, Any], scale: Any = 1.0) -> tuple[Any, Any] | None:
+        """``(B, s·A)``, itself."""
+        return params["B"], params["A"] * scale
 
     @staticmethod
     def _k(shape: tuple[int, ...]) -> int:
@@ -55,12 +80,12 @@ class LoRA(Parametrization):
     def param_shapes(self) -> dict[str, tuple[int, ...]]:  # type: ignore[override]
         return {"B": (self.shape[0], self.rank), "A": (self.rank, self._k(self.shape))}
 
-    def _terms(self) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+    def terms(self) -> tuple[tuple[str, tuple[int, ...], str], ...]:
         r = self._rank(0)
         return (("B", (self.shape[0], self.rank), self._mode(0) + r),
                 ("A", (self.rank, *self.shape[1:]), r + self._out[1:]))
 
-    def _init(self, method: str, ctx: ArrayContext, rng: np.random.Generator, tensor: Any,
+    def initialize(self, method: str, ctx: ArrayContext, rng: np.random.Generator, tensor: Any,
               scale: float, options: dict[str, Any]) -> Params:
         k = self._k(self.shape)
         if method == "zero":

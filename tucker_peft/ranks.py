@@ -23,14 +23,16 @@ def for_budget(kind: str, shape: Sequence[int], budget: int, **constraints: Any)
     Parameters
     ----------
     kind : str
-        A registered kind: ``'tucker'``, ``'tucker2'``, ``'cp'``, ``'lora'``...
+        A registered kind: ``'tucker'``, ``'tucker2'``, ``'cp'``, ``'lora'``,
+        ``'tt'``, ``'lokr'``, ``'loha'``, or a third-party one.
     shape : tuple of int
     budget : int
         Largest allowed ``num_params``.
     **constraints
         Passed to the kind's :meth:`~tucker_peft.Parametrization.budget_family`;
         for Tucker ``split='equal'|'proportional'``, ``kernel='free'|'full'|'none'``
-        and ``fixed={mode: rank or None}``.
+        and ``fixed={mode: rank or None}``; for TT ``tensorize=``; for LoKr
+        ``factor=`` and ``decompose_both=``.
 
     Returns
     -------

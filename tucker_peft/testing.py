@@ -31,6 +31,7 @@ from .cp import max_cp_rank
 __all__ = [
     "shapes",
     "tucker_ranks",
+    "tensorizations",
     "specs",
     "params",
     "cotangents",
@@ -39,8 +40,8 @@ __all__ = [
     "KINDS",
 ]
 
-#: Kinds drawn by default.
-KINDS: tuple[str, ...] = ("tucker", "tucker2", "cp", "lora")
+#: Kinds drawn by default: the seven built-in ones.
+KINDS: tuple[str, ...] = ("tucker", "tucker2", "cp", "lora", "tt", "lokr", "loha")
 
 
 def shapes(min_ndim: int = 1, max_ndim: int = 5, min_side: int = 1, max_side: int = 5,
@@ -60,6 +61,23 @@ def tucker_ranks(shape: Sequence[int], allow_none: bool = True) -> st.SearchStra
 
 
 @st.composite
+def tensorizations(draw: Any, shape: Sequence[int]) -> Any:
+    """A valid ``tensorize=`` for :class:`tucker_peft.TT` on ``shape``: None, 'auto' or per-mode factors."""
+    choice = draw(st.sampled_from(["none", "auto", "split"]))
+    if choice == "none":
+        return None
+    if choice == "auto":
+        return "auto"
+    out = {}
+    for n, d in enumerate(shape):
+        divisors = [f for f in range(2, d) if d % f == 0]
+        if divisors and draw(st.booleans()):
+            f = draw(st.sampled_from(divisors))
+            out[n] = (f, d // f)
+    return out
+
+
+@st.composite
 def specs(draw: Any, kinds: Sequence[str] = KINDS, shape: Sequence[int] | None = None,
           shape_strategy: st.SearchStrategy[tuple[int, ...]] | None = None) -> Parametrization:
     """A valid spec of one of ``kinds`` on ``shape`` (or a drawn shape)."""
@@ -72,8 +90,26 @@ def specs(draw: Any, kinds: Sequence[str] = KINDS, shape: Sequence[int] | None =
         return lookup(kind)(shp, draw(st.tuples(*(st.integers(1, d) for d in lead))))
     if kind == "cp":
         return lookup(kind)(shp, draw(st.integers(1, min(max_cp_rank(shp), 6))))
-    if kind == "lora":
-        return lookup(kind)(shp, draw(st.integers(1, min(shp[0], math.prod(shp[1:])))))
+    if kind in ("lora", "loha"):
+        return lookup(kind)(shp, draw(st.integers(1, min(shp[0], math.prod(shp[1:]), 6))))
+    if kind == "tt":
+        cls = lookup(kind)
+        tz = draw(tensorizations(shp))
+        if draw(st.booleans()):
+            return cls(shp, draw(st.integers(1, 6)), tz)
+        top = cls(shp, 2**30, tz)
+        bonds = [draw(st.integers(1, min(r, 6))) for r in top.ranks]
+        # Repair into a valid train: r_k <= r_{k-1}·m_k and r_k <= m_{k+1}·r_{k+1}.
+        m = top.cores
+        for k in range(len(bonds)):
+            bonds[k] = min(bonds[k], (bonds[k - 1] if k else 1) * m[k])
+        for k in reversed(range(len(bonds))):
+            bonds[k] = min(bonds[k], m[k + 1] * (bonds[k + 1] if k + 1 < len(bonds) else 1))
+        return cls(shp, tuple(bonds), tz)
+    if kind == "lokr":
+        if len(shp) < 2:
+            shp = (*shp, 2)
+        return lookup(kind)(shp, draw(st.integers(1, 4)), draw(st.sampled_from([-1, 2])), draw(st.booleans()))
     # A third-party kind: draw from its budget family.
     f, t_max = lookup(kind).budget_family(shp)  # type: ignore[attr-defined]
     return f(draw(st.integers(1, t_max)))

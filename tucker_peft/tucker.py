@@ -10,32 +10,15 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from ._base import Parametrization, Params, check_rank, check_shape, register
+from ._base import Parametrization, Params, check_rank, check_shape, mode_ranks, register
 from ._decomp import hooi, hosvd
-from ._dispatch import ArrayContext, namespace
-from ._errors import RankError, TuckerPeftError, fmt_shape
+from ._dispatch import ArrayContext, contract, namespace
+from ._errors import RankError, TuckerPeftError
 
 __all__ = ["Tucker", "Tucker2"]
 
 
-def _normalize_ranks(shape: tuple[int, ...], ranks: Any) -> tuple[int | None, ...]:
-    if ranks is None:
-        return (None,) * len(shape)
-    if isinstance(ranks, bool):
-        raise RankError(f"ranks: expected an int or a sequence of {len(shape)} ints/None, got {ranks!r}")
-    if isinstance(ranks, (int, np.integer)):
-        r = check_rank(ranks, "ranks", 1, sys.maxsize)  # broadcast ints are clipped, never rejected
-        return tuple(min(r, d) for d in shape)
-    if isinstance(ranks, str) or not isinstance(ranks, Sequence):
-        raise RankError(f"ranks: expected an int or a sequence of {len(shape)} ints/None, got {ranks!r}")
-    if len(ranks) != len(shape):
-        raise RankError(
-            f"ranks: expected {len(shape)} values (one per mode of shape {fmt_shape(shape)}), got {len(ranks)}: {tuple(ranks)!r}"
-        )
-    return tuple(
-        None if r is None else check_rank(r, f"ranks[{n}] (mode of size {d})", 1, d)
-        for n, (r, d) in enumerate(zip(ranks, shape))
-    )
+_normalize_ranks = mode_ranks  # the old private name
 
 
 @dataclass(frozen=True)
@@ -65,11 +48,43 @@ class Tucker(Parametrization):
     kind: ClassVar[str] = "tucker"
     init_methods: ClassVar[Mapping[str, str]] = {"zero": "zero", "random": "random", "hosvd": "hosvd", "hooi": "hooi"}
     tensor_methods: ClassVar[frozenset[str]] = frozenset({"hosvd", "hooi"})
+    principal_init: ClassVar[str | None] = "hosvd"
 
     def __post_init__(self) -> None:
         shape = check_shape(self.shape, self.max_modes)
         object.__setattr__(self, "shape", shape)
-        object.__setattr__(self, "ranks", _normalize_ranks(shape, self.ranks))
+        object.__setattr__(self, "ranks", mode_ranks(shape, self.ranks))
+
+    @classmethod
+    def clip(cls, shape: Sequence[int], ranks: Any) -> Any:
+        """An int stays (the constructor broadcasts and clips it); per-mode ranks become ``min(r_n, I_n)``."""
+        if isinstance(ranks, Sequence) and not isinstance(ranks, str) and len(ranks) == len(tuple(shape)):
+            return tuple(r if r is None or isinstance(r, bool) or not isinstance(r, (int, np.integer)) else min(r, d)
+                         for r, d in zip(ranks, shape))
+        return ranks
+
+    @property
+    def zero_block_size(self) -> int:
+        """The core."""
+        return math.prod(self.core_shape)
+
+    def matched_scale(self) -> float:
+        return self.orthonormal_matched_scale()
+
+    def factored(self, params: Mapping[str, Any], scale: Any = 1.0) -> tuple[Any, Any, Any, int] | None:
+        """``(U_0, s·G ×_k U_k for k ≥ 2, U_1, 1)``; a None rank gives a None projection."""
+        if self.ndim < 2:
+            return None
+        core = params["core"]
+        kernel = [n for n in range(2, self.ndim) if self.ranks[n] is not None]
+        if kernel:
+            cs = "".join(self.mode_symbol(n) if n < 2 or self.ranks[n] is None else self.rank_symbol(n)
+                         for n in range(self.ndim))
+            eq = ",".join([cs] + [self.mode_symbol(n) + self.rank_symbol(n) for n in kernel]) + "->" + self._out
+            core = contract(eq, core, *[params[f"factor_{n}"] for n in kernel])
+        r0, r1 = self.ranks[:2]
+        return (params["factor_0"] if r0 is not None else None, core * scale,
+                params["factor_1"] if r1 is not None else None, 1)
 
     @cached_property
     def core_shape(self) -> tuple[int, ...]:
@@ -81,14 +96,14 @@ class Tucker(Parametrization):
         out.update({f"factor_{n}": (d, r) for n, (d, r) in enumerate(zip(self.shape, self.ranks)) if r is not None})
         return out
 
-    def _terms(self) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+    def terms(self) -> tuple[tuple[str, tuple[int, ...], str], ...]:
         core = "".join(self._mode(n) if r is None else self._rank(n) for n, r in enumerate(self.ranks))
         terms = [("core", self.core_shape, core)]
         terms += [(f"factor_{n}", (d, r), self._mode(n) + self._rank(n))
                   for n, (d, r) in enumerate(zip(self.shape, self.ranks)) if r is not None]
         return tuple(terms)
 
-    def _init(self, method: str, ctx: ArrayContext, rng: np.random.Generator, tensor: Any,
+    def initialize(self, method: str, ctx: ArrayContext, rng: np.random.Generator, tensor: Any,
               scale: float, options: dict[str, Any]) -> Params:
         if method in ("zero", "random"):
             params: Params = {}
@@ -96,10 +111,15 @@ class Tucker(Parametrization):
                 params["core"] = ctx.zeros(self.core_shape)
             else:
                 params["core"] = ctx.asarray(rng.standard_normal(self.core_shape))
+            ortho = bool(options.pop("orthonormal", False))
             for n, (d, r) in enumerate(zip(self.shape, self.ranks)):
                 if r is not None:
                     # Kaiming-uniform as PEFT's lora_A: U(±1/√fan), fan = I_n.
-                    params[f"factor_{n}"] = ctx.asarray(rng.uniform(-1, 1, (d, r)) / math.sqrt(d))
+                    u = rng.uniform(-1, 1, (d, r)) / math.sqrt(d)
+                    if ortho:  # the same draw, orthonormalised (Q of its QR, signs of R's diagonal)
+                        q, rr = np.linalg.qr(u)
+                        u = q * np.where(np.diag(rr) < 0, -1.0, 1.0)
+                    params[f"factor_{n}"] = ctx.asarray(u)
             return params
         core_mode = self._core_option(options)
         if method == "hosvd":
@@ -235,6 +255,13 @@ class Tucker2(Tucker):
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "ranks", head + (None,) * (len(shape) - lead))
         super().__post_init__()
+
+    @classmethod
+    def clip(cls, shape: Sequence[int], ranks: Any) -> Any:
+        """As :meth:`Tucker.clip`; a pair of channel ranks becomes ``min(r_n, I_n)``."""
+        if isinstance(ranks, Sequence) and not isinstance(ranks, str) and len(ranks) == min(2, len(tuple(shape))):
+            return Tucker.clip(tuple(shape)[: len(ranks)], ranks)
+        return super().clip(shape, ranks)
 
     @classmethod
     def budget_family(cls, shape: tuple[int, ...], *, split: str = "equal",

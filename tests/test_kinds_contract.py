@@ -1,0 +1,334 @@
+"""The public kind contract: a kind written in this module (not the package), the registry and entry points,
+the errors of the new kinds, and CP-ALS without tensorly's global backend."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import tucker_peft as tp
+from tucker_peft import _base
+from tucker_peft import testing as tpst
+from tucker_peft._errors import RankError, TuckerPeftError
+
+
+@dataclass(frozen=True)
+class GatedLoRA(tp.Parametrization):
+    """ΔW = B · diag(g) · A on the mode-0 unfolding; written only against the public contract."""
+
+    rank: int = 1
+
+    kind: ClassVar[str] = "gated_lora_test"
+    init_methods: ClassVar[dict[str, str]] = {"zero": "zero", "random": "random"}
+
+    def __post_init__(self) -> None:
+        k = math.prod(self.shape[1:])
+        if not 1 <= self.rank <= min(self.shape[0], k):
+            raise RankError(f"rank: expected an int in [1, {min(self.shape[0], k)}], got {self.rank}")
+
+    @property
+    def param_shapes(self):
+        return {"B": (self.shape[0], self.rank), "g": (self.rank,), "A": (self.rank, math.prod(self.shape[1:]))}
+
+    def terms(self):
+        r, rest = self.rank_symbol(0), self.output_subscripts[1:]
+        return (("B", (self.shape[0], self.rank), self.mode_symbol(0) + r), ("g", (self.rank,), r),
+                ("A", (self.rank, *self.shape[1:]), r + rest))
+
+    def initialize(self, method, ctx, rng, tensor, scale, options):
+        k = math.prod(self.shape[1:])
+        return {"B": ctx.asarray(rng.standard_normal((self.shape[0], self.rank))),
+                "g": ctx.zeros((self.rank,)) if method == "zero" else ctx.asarray(rng.standard_normal(self.rank)),
+                "A": ctx.asarray(rng.standard_normal((self.rank, k)))}
+
+    @classmethod
+    def clip(cls, shape, ranks):
+        return min(ranks, shape[0], math.prod(shape[1:]))
+
+    @classmethod
+    def budget_family(cls, shape, **constraints):
+        t_max = min(shape[0], math.prod(shape[1:]))
+        return (lambda t: cls(tuple(shape), t)), t_max
+
+
+@pytest.fixture
+def gated():
+    tp.register("gated_lora_test", GatedLoRA)
+    yield GatedLoRA
+    _base._REGISTRY.pop("gated_lora_test", None)
+
+
+def _dense_gated(p):
+    return (p["B"] * p["g"]) @ p["A"]
+
+
+def test_a_kind_from_outside_the_package_runs_the_spec_api(gated):
+    spec = tp.parametrization("gated_lora_test", (6, 4, 3), rank=2)
+    p = spec.init("random", seed=0)
+    np.testing.assert_allclose(spec.reconstruct(p, 0.5), 0.5 * _dense_gated(p).reshape(6, 4, 3), atol=1e-12)
+    assert spec.zero_block_size == 2  # derived from the zero init: g
+    assert not np.any(spec.reconstruct(spec.init("zero", seed=1)))
+    assert spec.factored(p) is None and spec.lora_factors(p) is None  # defaults: rebuild, no export
+    assert spec.describe_ranks() == "2" and spec.matched_scale() == 1.0
+    assert tp.lookup("gated_lora_test").for_ranks((6, 4, 3), 99) == GatedLoRA((6, 4, 3), 6)
+    assert tp.ranks.for_budget("gated_lora_test", (6, 4, 3), 40) == GatedLoRA((6, 4, 3), 2)
+    from tucker_peft.adapter import spec_from_json, spec_to_json
+
+    assert spec_from_json(spec_to_json(spec)) == spec
+
+
+@given(data=st.data())
+def test_a_kind_from_outside_the_package_passes_the_property_strategies(gated, data):
+    torch = pytest.importorskip("torch")
+    spec, p = data.draw(tpst.spec_and_params(kinds=["gated_lora_test"],
+                                             shape_strategy=tpst.shapes(min_ndim=2, max_ndim=4, max_side=4)))
+    np.testing.assert_allclose(spec.reconstruct(p), _dense_gated(p).reshape(spec.shape), rtol=1e-10, atol=1e-10)
+    ct = data.draw(tpst.cotangents(spec))
+    tparams = {k: torch.tensor(v, requires_grad=True) for k, v in p.items()}
+    (spec.reconstruct(tparams, 1.5) * torch.tensor(ct)).sum().backward()
+    got = spec.vjp(p, ct, 1.5)
+    for k in p:
+        np.testing.assert_allclose(got[k], tparams[k].grad.numpy(), rtol=1e-10, atol=1e-10)
+
+
+class _FakeEntryPoint:
+    def __init__(self, name, value):
+        self.name, self.value, self.group = name, value, _base.ENTRY_POINT_GROUP
+
+    def load(self):
+        import importlib
+
+        mod, _, attr = self.value.partition(":")
+        return getattr(importlib.import_module(mod), attr)
+
+
+@pytest.fixture
+def fake_entry_points(monkeypatch):
+    import importlib.metadata
+
+    eps = [_FakeEntryPoint("ep_gated", f"{__name__}:GatedLoRA"),
+           _FakeEntryPoint("ep_broken", "tucker_peft_no_such_module:Kind")]
+    calls = []
+
+    def entry_points(group=None, **kw):
+        calls.append(group)
+        return [e for e in eps if e.group == group]
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    monkeypatch.setattr(_base, "_SCANNED", False)
+    monkeypatch.setattr(_base, "_PENDING", {})
+    yield calls
+    for k in ("ep_gated", "ep_broken"):
+        _base._REGISTRY.pop(k, None)
+
+
+def test_entry_point_kinds_are_found_on_first_lookup_and_broken_ones_say_why(fake_entry_points):
+    assert tp.lookup("tucker") is tp.Tucker and fake_entry_points == []  # known names never scan
+    assert {"ep_gated", "ep_broken"} <= set(tp.kinds())  # listed without importing
+    assert "ep_gated" not in _base._REGISTRY
+    assert tp.lookup("EP_GATED") is GatedLoRA
+    assert tp.parametrization("ep_gated", (4, 4), rank=2) == GatedLoRA((4, 4), 2)
+    with pytest.raises(TuckerPeftError, match=r"kind 'ep_broken': entry point 'tucker_peft_no_such_module:Kind' "
+                                              r"\(group 'tucker_peft.kinds'\) failed to load: ModuleNotFoundError"):
+        tp.lookup("ep_broken")
+    assert fake_entry_points == [_base.ENTRY_POINT_GROUP]  # scanned once
+
+
+def test_module_colon_class_names_a_kind():
+    assert tp.lookup(f"{__name__}:GatedLoRA") is GatedLoRA
+    with pytest.raises(TuckerPeftError, match="could not be imported"):
+        tp.lookup("tucker_peft_no_such_module:Kind")
+    with pytest.raises(TuckerPeftError, match="expected a Parametrization subclass"):
+        tp.lookup("math:pi")
+
+
+def test_importing_reads_no_entry_points_and_no_tensorly():
+    code = ("import importlib.metadata as m\n"
+            "def boom(*a, **k): raise AssertionError('entry points read at import')\n"
+            "m.entry_points = boom\n"
+            "import sys, numpy as np, tucker_peft as tp\n"
+            "spec = tp.parametrization('cp', (5, 4, 3), rank=2)\n"
+            "spec.init('parafac', tensor=np.random.default_rng(0).standard_normal((5, 4, 3)))\n"
+            "assert 'tensorly' not in sys.modules, 'CP init imported tensorly'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cp_init_leaves_another_threads_tensorly_backend_alone():
+    # tensorly's set_backend/backend_context change the process-wide default that every thread without
+    # its own setting reads: the old tensorly-based init flipped a watching thread to 'numpy' (measured).
+    tl = pytest.importorskip("tensorly")
+    pytest.importorskip("torch")
+    t = np.random.default_rng(0).standard_normal((8, 7, 6))
+    done = threading.Event()
+    seen: list[str] = []
+
+    def watch():  # never sets a backend itself: reads the process default, 'pytorch'
+        while not done.is_set():
+            seen.append(tl.get_backend())
+        seen.append(tl.get_backend())
+
+    tl.set_backend("pytorch")
+    th = threading.Thread(target=watch)
+    th.start()
+    try:
+        for seed in range(5):
+            tp.CP(t.shape, 4).init("parafac", tensor=t, seed=seed)
+        assert tl.get_backend() == "pytorch"
+    finally:
+        done.set()
+        th.join()
+        tl.set_backend("numpy")
+    assert seen and set(seen) == {"pytorch"}
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_parafac_rejects_non_finite_input_at_once(bad):
+    t = np.ones((4, 3, 2))
+    t[1, 2, 0] = bad
+    with pytest.raises(TuckerPeftError, match="NaN or Inf"):
+        tp.parafac(t, 2)
+
+
+def test_parafac_fits_on_the_tensors_library():
+    torch = pytest.importorskip("torch")
+    spec = tp.CP((6, 5, 4), 2)
+    t = spec.reconstruct(spec.init("random", seed=3))
+    w, fs = tp.parafac(torch.tensor(t, dtype=torch.float32), 2, n_iter=300, tol=1e-12)
+    assert isinstance(w, torch.Tensor) and w.dtype == torch.float32
+    p = {"weights": w.double().numpy(), **{f"factor_{n}": f.double().numpy() for n, f in enumerate(fs)}}
+    assert np.linalg.norm(spec.reconstruct(p) - t) / np.linalg.norm(t) < 1e-4
+
+
+# -- one clear error per bad input of the new kinds -----------------------------------------------
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: tp.TT((6, 4, 3), (2, 2, 2)), r"expected 2 bond ranks \(cores \(6, 4, 3\)\), got 3"),
+    (lambda: tp.TT((6, 4, 3), (7, 2)), r"ranks\[0\] \(bond between cores of sizes 6 and 4\): expected an int in \[1, 6\]"),
+    (lambda: tp.TT((2, 2, 16), (1, 4)), r"ranks\[1\]=4: expected at most r_\{k-1\}·m_k = 2 and m_\{k\+1\}·r_\{k\+1\} = 16"),
+    (lambda: tp.TT((6, 4), 0), r"ranks: expected an int in \[1"),
+    (lambda: tp.TT((6, 4), "2"), r"ranks: expected an int or 1 bond ranks"),
+    (lambda: tp.TT((6, 4), 2, tensorize={0: (4, 2)}), r"tensorize\[0\]: factors \(4, 2\) multiply to 8, expected mode 0's size 6"),
+    (lambda: tp.TT((6, 4), 2, tensorize={2: (2, 2)}), r"tensorize: expected mode indices in \[0, 2\)"),
+    (lambda: tp.TT((6, 4), 2, tensorize="balanced"), r"tensorize: expected None, 'auto'"),
+    (lambda: tp.TT((6, 4), 2, tensorize={0: ()}), r"tensorize\[0\]: expected a non-empty tuple of ints"),
+    (lambda: tp.LoKr((8,), 2), r"LoKr needs a weight \(out, in, \*kernel\) of at least 2 modes, got \(8,\)"),
+    (lambda: tp.LoKr((8, 8), 0), r"rank \(LoKr of shape \(8, 8\)\): expected an int in \[1"),
+    (lambda: tp.LoKr((8, 8), 2, factor=0), r"factor: expected -1 or an int >= 1, got 0"),
+    (lambda: tp.LoKr((8, 8), 2, decompose_both="yes"), r"decompose_both: expected a bool"),
+    (lambda: tp.LoHa((6, 4), 5), r"rank \(LoHa of shape \(6, 4\)\): expected an int in \[1, 4\], got 5"),
+    (lambda: tp.LoHa((6, 0), 1), r"shape\[1\]"),
+])
+def test_new_kinds_reject_bad_input_with_one_clear_error(make, match):
+    with pytest.raises(TuckerPeftError, match=match):
+        make()
+
+
+def test_tensorize_auto_balances_factors_and_makes_a_long_train():
+    spec = tp.TT((768, 768), 4, tensorize="auto")
+    assert spec.cores == (8, 8, 12, 8, 8, 12)
+    assert spec.ranks == (4, 4, 4, 4, 4) and spec.describe_ranks() == "4,4,4,4,4 on 8x8x12x8x8x12"
+    assert tp.TT((768, 768), 4, tensorize={0: (8, 12, 8), 1: (8, 12, 8)}).cores == (8, 12, 8, 8, 12, 8)
+    assert tp.TT((7, 5), 3, tensorize="auto").tensorize is None  # primes stay whole
+
+
+def test_ttsvd_never_decomposes_the_wide_unfolding():
+    # A (4, 20000) weight: TT-SVD's first unfolding is 4 x 20000; the Gram trick keeps it a 4 x 4 eigenproblem.
+    t = np.random.default_rng(0).standard_normal((4, 20000))
+    spec = tp.TT(t.shape, 4)
+    p = spec.init("ttsvd", tensor=t)
+    np.testing.assert_allclose(spec.reconstruct(p), t, atol=1e-9)
+
+
+def test_lokr_matches_peft_factorization_and_param_names():
+    peft_lokr = pytest.importorskip("peft.tuners.lokr.layer")
+    from tucker_peft.lokr import factorization
+
+    for d in range(1, 200):
+        for f in (-1, 1, 2, 3, 4, 8, 16):
+            assert factorization(d, f) == peft_lokr.factorization(d, f)
+    assert set(tp.LoKr((64, 48), 2).param_shapes) == {"w1", "w2_a", "w2_b"}
+    assert set(tp.LoKr((64, 48), 2, decompose_both=True).param_shapes) == {"w1_a", "w1_b", "w2_a", "w2_b"}
+    assert set(tp.LoKr((64, 48, 3, 3), 8).param_shapes) == {"w1", "w2"}
+
+
+def test_lokr_equals_peft_delta_weight():
+    pytest.importorskip("torch")
+    from peft import LoKrConfig, get_peft_model
+    from torch import nn
+
+    for layer, shape, r in [(nn.Linear(48, 64), (64, 48), 2), (nn.Conv2d(12, 16, 3), (16, 12, 3, 3), 1)]:
+        model = get_peft_model(nn.Sequential(layer), LoKrConfig(r=r, alpha=r, target_modules=["0"],
+                                                                init_weights=False))
+        lk = model.base_model.model[0]
+        spec = tp.LoKr(shape, r)
+        params = {k: getattr(lk, f"lokr_{k}")["default"].detach().double().numpy() for k in spec.param_shapes}
+        want = lk.get_delta_weight("default").detach().double().numpy()
+        np.testing.assert_allclose(spec.reconstruct(params), want, rtol=1e-6, atol=1e-7)
+
+
+def test_loha_equals_peft_delta_weight():
+    pytest.importorskip("torch")
+    from peft import LoHaConfig, get_peft_model
+    from torch import nn
+
+    for layer, shape in [(nn.Linear(10, 7), (7, 10)), (nn.Conv2d(5, 6, 3), (6, 5, 3, 3))]:
+        model = get_peft_model(nn.Sequential(layer), LoHaConfig(r=2, alpha=2, target_modules=["0"],
+                                                                init_weights=False))
+        lh = model.base_model.model[0]
+        spec = tp.LoHa(shape, 2)
+        params = {k: getattr(lh, f"hada_{k}")["default"].detach().double().numpy() for k in spec.param_shapes}
+        want = lh.get_delta_weight("default").detach().double().numpy()
+        np.testing.assert_allclose(spec.reconstruct(params), want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("spec", [tp.TT((8, 6, 3), 3), tp.LoKr((8, 6, 3), 1), tp.LoHa((8, 6, 3), 2)],
+                         ids=lambda s: s.kind)
+def test_fit_starts_new_kinds_from_their_principal_init(spec):
+    t = np.random.default_rng(0).standard_normal(spec.shape)
+    res = tp.fit(spec, t, steps=30, method="adam", lr=1e-2)
+    start = spec.init(spec.principal_init, tensor=t, seed=0)
+    assert res.init_error == pytest.approx(np.linalg.norm(spec.reconstruct(start) - t) / np.linalg.norm(t), rel=1e-9)
+    assert res.final_error <= res.init_error * 1.01  # Adam only refines (TT-SVD is already quasi-optimal)
+
+
+@given(shape=tpst.shapes(min_ndim=2, max_ndim=4, max_side=5, max_size=300), r=st.integers(1, 6),
+       seed=st.integers(0, 50))
+def test_tt_zero_init_has_orthonormal_cores_so_a_sign_step_moves_dw_by_root_n0(shape, r, seed):
+    spec = tp.TT(shape, r)
+    p = spec.init("zero", seed=seed)
+    last = f"core_{len(spec.cores) - 1}"
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=p[last].shape)
+    dw = spec.reconstruct({**p, last: signs})
+    assert np.linalg.norm(dw) == pytest.approx(math.sqrt(spec.zero_block_size), rel=1e-9)
+    out, k = shape[0], math.prod(shape[1:])
+    assert spec.matched_scale() == pytest.approx(math.sqrt(out * spec.num_params / (out + k) / 3)
+                                                 / math.sqrt(spec.zero_block_size))
+
+
+@pytest.mark.parametrize("spec", [tp.Tucker((8, 6, 3, 3), (4, 3, 2, None)), tp.Tucker2((8, 6, 3), 3),
+                                  tp.CP((8, 6, 3), 5), tp.TT((8, 6, 3), 3)], ids=lambda s: s.kind)
+def test_orthonormal_zero_init_makes_a_sign_step_move_dw_by_root_n0(spec):
+    # What scale_rule='matched' assumes: each zero-block entry moves ΔW by a unit-norm, mutually orthogonal
+    # direction (Tucker, TT), or unit-norm (CP, whose rank-one terms are only nearly orthogonal).
+    p = spec.init("zero", seed=0, orthonormal=True)
+    assert not np.any(spec.reconstruct(p))
+    zero = next(k for k, v in p.items() if not np.any(v))
+    rng = np.random.default_rng(1)
+    for j in range(min(5, p[zero].size)):
+        e = np.zeros(p[zero].size)
+        e[j] = 1.0
+        assert np.linalg.norm(spec.reconstruct({**p, zero: e.reshape(p[zero].shape)})) == pytest.approx(1.0)
+    if spec.kind != "cp":
+        signs = rng.choice([-1.0, 1.0], size=p[zero].shape)
+        assert np.linalg.norm(spec.reconstruct({**p, zero: signs})) == pytest.approx(math.sqrt(spec.zero_block_size))
+    with pytest.raises(tp.InitError, match="unexpected options.*orthonormal"):
+        tp.LoRA((8, 6), 2).init("zero", orthonormal=True)

@@ -1,0 +1,252 @@
+"""LoKr: the Kronecker product of a small matrix and a (low-rank) block."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import numpy as np
+from array_api_compat import device
+
+from ._base import Parametrization, Params, check_rank, check_shape, register
+from ._decomp import leading_left_singular
+from ._dispatch import ArrayContext, namespace
+from ._errors import TuckerPeftError, fmt_shape
+
+__all__ = ["LoKr", "factorization"]
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """``(m, n)`` with ``m·n = dimension`` and ``m <= n``: LoKr's split of one dimension (as PEFT / LyCORIS).
+
+    ``factor > 0`` dividing ``dimension`` gives ``(factor, dimension // factor)``
+    (in that order); otherwise ``m`` is the divisor closest to √dimension
+    whose sum ``m + n`` does not grow and, for ``factor > 0``, ``m <= factor``.
+    """
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    limit = dimension if factor == -1 else factor
+    m, n = 1, dimension
+    while m < n:
+        nxt = m + 1
+        while dimension % nxt:
+            nxt += 1
+        if nxt + dimension // nxt > m + n or nxt > limit:
+            break
+        m, n = nxt, dimension // nxt
+    return (n, m) if m > n else (m, n)
+
+
+@dataclass(frozen=True)
+class LoKr(Parametrization):
+    """ΔW = s · W1 ⊗ W2 (Kronecker), with W2 — and with ``decompose_both`` W1 — low-rank when r is small.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ``(out, in, *kernel)``, at least 2 modes. ``out = a·b`` and ``in = c·d``
+        by :func:`factorization` with ``factor``; then
+        ``ΔW[(i,k), (j,l), *p] = W1[i, j] · W2[k, l, *p]`` with ``W1: (a, c)``
+        and ``W2: (b, d, *kernel)`` — PEFT's LoKr on Linear and Conv2d
+        (``use_effective_conv2d=False``), any number of kernel modes.
+    rank : int
+        ``r >= 1``. W2 is ``w2_a @ w2_b`` (``(b, r)``, ``(r, d·Πkernel)``)
+        when ``r < max(b, d)/2``, else full; W1 likewise with ``max(a, c)``
+        when ``decompose_both`` (PEFT's rule).
+    factor : int
+        -1 (the split closest to √dim) or a preferred factor ``>= 1``.
+    decompose_both : bool
+
+    Notes
+    -----
+    Param names are PEFT's without the ``lokr_`` prefix: ``'w1'`` or
+    ``'w1_a'``/``'w1_b'``; ``'w2'`` (shape ``(b, d, *kernel)``) or
+    ``'w2_a'``/``'w2_b'``. ``num_params`` = (``a·c`` or ``r·(a+c)``) +
+    (``b·d·Πkernel`` or ``r·(b + d·Πkernel)``). The ``'zero'`` init is PEFT's:
+    W1 (or ``w1_a``) zero, the rest Kaiming-uniform.
+    """
+
+    rank: int = None  # type: ignore[assignment]
+    factor: int = -1
+    decompose_both: bool = False
+
+    kind: ClassVar[str] = "lokr"
+    init_methods: ClassVar[Mapping[str, str]] = {"zero": "zero", "random": "random", "svd": "svd", "hosvd": "svd"}
+    tensor_methods: ClassVar[frozenset[str]] = frozenset({"svd"})
+    principal_init: ClassVar[str | None] = "svd"
+    lora_note: ClassVar[str] = "a Kronecker product has no low-rank unfolding in general; export to PEFT's LoKr format"
+
+    def __post_init__(self) -> None:
+        shape = check_shape(self.shape, self.max_modes)
+        if len(shape) < 2:
+            raise TuckerPeftError(f"shape: LoKr needs a weight (out, in, *kernel) of at least 2 modes, got {fmt_shape(shape)}")
+        object.__setattr__(self, "shape", shape)
+        f = self.factor
+        if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or not (f == -1 or f >= 1):
+            raise TuckerPeftError(f"factor: expected -1 or an int >= 1, got {f!r}")
+        object.__setattr__(self, "factor", int(f))
+        if not isinstance(self.decompose_both, (bool, np.bool_)):
+            raise TuckerPeftError(f"decompose_both: expected a bool, got {self.decompose_both!r}")
+        object.__setattr__(self, "decompose_both", bool(self.decompose_both))
+        object.__setattr__(self, "rank", check_rank(self.rank, f"rank (LoKr of shape {shape})", 1, 2**62))
+
+    # -- structure -----------------------------------------------------------
+    @staticmethod
+    def _blocks(shape: tuple[int, ...], factor: int) -> tuple[int, int, int, int]:
+        a, b = factorization(shape[0], factor)
+        c, d = factorization(shape[1], factor)
+        return a, b, c, d
+
+    @cached_property
+    def blocks(self) -> tuple[int, int, int, int]:
+        """``(a, b, c, d)``: W1 is ``a × c``, W2 is ``b × d (× kernel)``."""
+        return self._blocks(self.shape, self.factor)
+
+    @property
+    def full_w1(self) -> bool:
+        a, _, c, _ = self.blocks
+        return not (self.decompose_both and self.rank < max(a, c) / 2)
+
+    @property
+    def full_w2(self) -> bool:
+        _, b, _, d = self.blocks
+        return not self.rank < max(b, d) / 2
+
+    @classmethod
+    def _full_rank(cls, shape: tuple[int, ...], factor: int, both: bool) -> int:
+        """The smallest rank at which every block is full (larger ranks change nothing)."""
+        a, b, c, d = cls._blocks(shape, factor)
+        return max(math.ceil(max(b, d) / 2), math.ceil(max(a, c) / 2) if both else 1, 1)
+
+    @classmethod
+    def clip(cls, shape: Sequence[int], ranks: Any, factor: int = -1, decompose_both: bool = False) -> Any:
+        """``min(r, the rank at which W1 and W2 are full)``."""
+        if isinstance(ranks, (int, np.integer)) and not isinstance(ranks, bool):
+            shape = check_shape(shape)
+            if len(shape) >= 2:
+                return min(ranks, cls._full_rank(shape, factor, decompose_both))
+        return ranks
+
+    @classmethod
+    def for_ranks(cls, shape: Sequence[int], ranks: Any, **options: Any) -> "Parametrization":
+        shape = check_shape(shape)
+        return cls(shape, cls.clip(shape, ranks, options.get("factor", -1), options.get("decompose_both", False)),
+                   **options)
+
+    @cached_property
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:  # type: ignore[override]
+        a, b, c, d = self.blocks
+        kernel, r = self.shape[2:], self.rank
+        out: dict[str, tuple[int, ...]] = {"w1": (a, c)} if self.full_w1 else {"w1_a": (a, r), "w1_b": (r, c)}
+        if self.full_w2:
+            out["w2"] = (b, d, *kernel)
+        else:
+            out.update({"w2_a": (b, r), "w2_b": (r, d * math.prod(kernel))})
+        return out
+
+    @property
+    def split_shape(self) -> tuple[tuple[int, ...], ...]:
+        a, b, c, d = self.blocks
+        return ((a, b), (c, d)) + tuple((k,) for k in self.shape[2:])
+
+    def terms(self) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+        a, b, c, d = self.blocks
+        kernel, r = self.shape[2:], self.rank
+        sa, sb, sc, sd = (self.mode_symbol(0, 0), self.mode_symbol(0, 1), self.mode_symbol(1, 0), self.mode_symbol(1, 1))
+        sk = "".join(self.mode_symbol(n) for n in range(2, self.ndim))
+        r1, r2 = self.rank_symbol(0), self.rank_symbol(1)
+        if self.full_w1:
+            out = [("w1", (a, c), sa + sc)]
+        else:
+            out = [("w1_a", (a, r), sa + r1), ("w1_b", (r, c), r1 + sc)]
+        if self.full_w2:
+            out.append(("w2", (b, d, *kernel), sb + sd + sk))
+        else:
+            out += [("w2_a", (b, r), sb + r2), ("w2_b", (r, d, *kernel), r2 + sd + sk)]
+        return tuple(out)
+
+    @property
+    def zero_block_size(self) -> int:
+        """W1 (or ``w1_a``)."""
+        a, _, c, _ = self.blocks
+        return a * c if self.full_w1 else a * self.rank
+
+    def describe_ranks(self) -> str:
+        a, b, c, d = self.blocks
+        w1 = f"{a}x{c}" if self.full_w1 else f"{a}x{c}@r{self.rank}"
+        w2 = "x".join(map(str, (b, d, *self.shape[2:]))) + ("" if self.full_w2 else f"@r{self.rank}")
+        return f"{w1} kron {w2}"
+
+    # -- init ------------------------------------------------------------------
+    def initialize(self, method: str, ctx: ArrayContext, rng: np.random.Generator, tensor: Any,
+                   scale: float, options: dict[str, Any]) -> Params:
+        a, b, c, d = self.blocks
+        kernel = self.shape[2:]
+        kk = math.prod(kernel)
+
+        def kaiming(shape: tuple[int, ...], fan_in: int) -> Any:  # PEFT's kaiming_uniform_(a=√5)
+            return ctx.asarray(rng.uniform(-1, 1, shape) / math.sqrt(fan_in))
+
+        if method in ("zero", "random"):
+            p: Params = {}
+            for name, shp in self.param_shapes.items():
+                fan = math.prod(shp[1:])
+                zero = method == "zero" and name in ("w1", "w1_a")
+                p[name] = ctx.zeros(shp) if zero else kaiming(shp, fan)
+            return p
+        # 'svd': the nearest Kronecker product (Van Loan–Pitsianis), then each block truncated to rank r.
+        core_mode = self._core_option(options)
+        xp = namespace(tensor)
+        t = xp.astype(tensor, xp.float64)
+        t = xp.reshape(t, (a, b, c, d, kk))
+        m = xp.reshape(xp.permute_dims(t, (0, 2, 1, 3, 4)), (a * c, b * d * kk))
+        u, _ = leading_left_singular(xp, m, 0, 1)
+        v = xp.matmul(xp.matrix_transpose(u), m)  # σ·vᵀ, (1, b·d·K)
+        w1 = xp.reshape(u, (a, c)) / scale
+        w2 = xp.reshape(v, (b, d * kk))
+        p = {}
+        if self.full_w1:
+            p["w1"] = w1
+        else:
+            p["w1_a"], p["w1_b"] = self._truncate(xp, w1, self.rank)
+        if self.full_w2:
+            p["w2"] = xp.reshape(w2, (b, d, *kernel))
+        else:
+            p["w2_a"], p["w2_b"] = self._truncate(xp, w2, self.rank)
+        if core_mode == "zero":
+            first = "w1" if self.full_w1 else "w1_a"
+            p[first] = p[first] * 0
+        return {k: self._cast(ctx, v) for k, v in p.items()}
+
+    @staticmethod
+    def _truncate(xp: Any, w: Any, r: int) -> tuple[Any, Any]:
+        """``(U_r, U_rᵀ w)``: the rank-r truncation of a matrix as two factors."""
+        rr = min(r, w.shape[0])
+        u, _ = leading_left_singular(xp, w, 0, rr)
+        f = xp.matmul(xp.matrix_transpose(u), w)
+        if rr < r:  # r above the block's side: the spare columns stay zero
+            dev = device(u)
+            u = xp.concat([u, xp.zeros((u.shape[0], r - rr), dtype=u.dtype, device=dev)], axis=1)
+            f = xp.concat([f, xp.zeros((r - rr, f.shape[1]), dtype=f.dtype, device=dev)], axis=0)
+        return u, f
+
+    @classmethod
+    def budget_family(cls, shape: tuple[int, ...], *, factor: int = -1, decompose_both: bool = False,
+                      **unknown: Any) -> tuple[Callable[[int], "Parametrization"], int]:
+        """The ranks ``1..`` (the rank at which all blocks are full), ordered by ``num_params``.
+
+        Under PEFT's rule a low-rank block can cost more than the full one
+        just below the switch, so the family is sorted rather than indexed by r.
+        """
+        if unknown:
+            raise TuckerPeftError(f"unexpected constraints for kind 'lokr': {sorted(unknown)}; "
+                                  "expected factor=, decompose_both=")
+        shape = check_shape(shape)
+        specs = [cls(shape, r, factor, decompose_both) for r in range(1, cls._full_rank(shape, factor, decompose_both) + 1)]
+        specs.sort(key=lambda s: (s.num_params, s.rank))
+        return (lambda t: specs[t - 1]), len(specs)
+
+
+register("lokr", LoKr)
