@@ -331,6 +331,7 @@ VIEWS = [
     ("conv2d", lambda: nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"), (2, 3, 5, 5)),
     ("conv2d-unbatched", lambda: nn.Conv2d(3, 3, 3, padding=1), (3, 5, 5)),
     ("conv3d", lambda: nn.Conv3d(2, 2, 1), (1, 2, 3, 3, 3)),
+    ("hf-conv1d", lambda: pytest.importorskip("transformers.pytorch_utils").Conv1D(5, 5), (2, 3, 5)),
 ]
 
 
@@ -423,3 +424,84 @@ def test_one_dimensional_parameter_is_refused():
         inject(model, AdapterConfig(kind="tucker", ranks=2, target_parameters=["0.bias"]))
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# -- transformers' Conv1D (GPT-2 family) -------------------------------------------------
+
+def _gpt2():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=12, n_layer=2, n_head=2, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    return transformers.GPT2Model(cfg).eval()
+
+
+@pytest.mark.parametrize("forward", FORWARDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_conv1d_matches_dense(kind, forward):
+    """ΔW in Conv1D's own (in, out) layout; y = x @ (W + s·ΔW) + b, gradients included."""
+    pu = pytest.importorskip("transformers.pytorch_utils")
+    torch.manual_seed(0)
+    model = _wrap(pu.Conv1D(5, 7), kind)  # nf=5 outputs, nx=7 inputs: weight (7, 5)
+    (_, h), = list(adapted_layers(model))
+    assert h.adapters["default"].spec.shape == (7, 5)
+    _check(model, torch.randn(2, 3, 7, dtype=torch.float64), forward)
+
+
+def test_conv1d_gpt2_merge_save_load(tmp_path):
+    from tucker_peft.backends.torch import load_adapter, merge, save_adapter, unmerge
+
+    model = _gpt2()
+    ids = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base_out = model(input_ids=ids).last_hidden_state
+    w0 = model.h[0].attn.c_attn.weight.detach().clone()
+    inject(model, AdapterConfig(kind="tucker", ranks=3, target_modules=["c_attn"], alpha=2.0))
+    assert [p for p, _ in adapted_layers(model)] == ["h.0.attn.c_attn.weight", "h.1.attn.c_attn.weight"]
+    _randomise(model)
+    with torch.no_grad():
+        out = model(input_ids=ids).last_hidden_state
+        assert not torch.allclose(out, base_out, atol=1e-3)
+        merge(model)
+        (_, h) = next(adapted_layers(model))
+        torch.testing.assert_close(h.base_layer.weight, w0 + h.adapters["default"].delta_weight())
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, out, rtol=1e-5, atol=1e-5)
+        unmerge(model)
+        torch.testing.assert_close(h.base_layer.weight, w0, rtol=0, atol=1e-6)
+    save_adapter(model, tmp_path / "a")
+    fresh = _gpt2()
+    load_adapter(fresh, tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).last_hidden_state, out, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_conv1d_exports_to_peft_fan_in_fan_out(tmp_path, kind):
+    """Real peft: PeftModel.from_pretrained on the exported checkpoint gives our outputs."""
+    peft = pytest.importorskip("peft")
+    import json
+
+    from tucker_peft.backends.torch import export_peft_lora
+
+    model = _gpt2().double()
+    inject(model, AdapterConfig(kind=kind, ranks=3, target_modules=["c_attn"], alpha=1.5))
+    _randomise(model)
+    ids = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = model(input_ids=ids).last_hidden_state
+    export_peft_lora(model, tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    pm = peft.PeftModel.from_pretrained(_gpt2().double(), str(tmp_path / "peft"))
+    with torch.no_grad():
+        got = pm(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(got, ours, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(got, _gpt2().double()(input_ids=ids).last_hidden_state, atol=1e-3)  # the adapter is in it
+
+
+def test_binding_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, tucker_peft.backends.torch as t; t.inject; assert 'transformers' not in sys.modules"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]

@@ -76,6 +76,9 @@ def export_peft_lora(model: nn.Module, path: str | os.PathLike, adapter_name: st
         if isinstance(base, nn.Embedding):
             tensors[f"{key}.lora_embedding_A"] = b.T.to(dt).contiguous()
             tensors[f"{key}.lora_embedding_B"] = a.T.to(dt).contiguous()
+        elif h.fan_in_fan_out:  # transformers Conv1D: ΔW = B @ A is (in, out); PEFT's lora_B @ lora_A is ΔWᵀ
+            tensors[f"{key}.lora_A.weight"] = b.T.to(dt).contiguous()
+            tensors[f"{key}.lora_B.weight"] = a.T.to(dt).contiguous()
         elif isinstance(base, nn.Linear):
             tensors[f"{key}.lora_A.weight"] = a.to(dt).contiguous()
             tensors[f"{key}.lora_B.weight"] = b.to(dt).contiguous()
@@ -99,7 +102,9 @@ def export_peft_lora(model: nn.Module, path: str | os.PathLike, adapter_name: st
     peft_config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
         "r": r0, "lora_alpha": r0, "lora_dropout": 0.0, "target_modules": sorted(ranks), "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "alpha_pattern": dict(pattern), "bias": "none",
+        # PEFT sets it per layer (True on Conv1D, False on Linear) whatever the config says; state it truthfully
+        "fan_in_fan_out": any(h.fan_in_fan_out for _, h, _ in deltas if isinstance(h, AdaptedLayer)), "use_rslora": False,
         "init_lora_weights": True, "modules_to_save": None,
     }
     path = os.fspath(path)
