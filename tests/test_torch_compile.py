@@ -149,3 +149,26 @@ def test_inductor_cnn_step():
     torch.testing.assert_close(y, eager, rtol=1e-4, atol=1e-5)
     for k in g:
         torch.testing.assert_close(g[k], g_eager[k], rtol=1e-3, atol=1e-4)
+
+
+class _Experts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 5, 4, dtype=torch.float64))
+
+    def forward(self, x):  # (E, n, in) -> (E, n, out)
+        return torch.einsum("eoi,eni->eno", self.w, x)
+
+
+@pytest.mark.parametrize("forward", FORWARDS)
+def test_parameter_adapter_and_conv1d_fullgraph(forward):
+    """A bare 3-D parameter (parametrization hook) and a transformers Conv1D in one compiled graph."""
+    pu = pytest.importorskip("transformers.pytorch_utils")
+    torch.manual_seed(0)
+    model = nn.Sequential(_Experts(), pu.Conv1D(6, 5).double())
+    inject(model, AdapterConfig(kind="tucker", ranks=2, target_parameters=["0.w"]), "p")
+    inject(model, AdapterConfig(kind="cp", ranks=2, target_modules=["1"], forward=forward), "c")
+    set_adapter(model, ["p", "c"])
+    _randomise(model)
+    x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    _compare(model, lambda m: m(x), x)

@@ -121,7 +121,10 @@ class DeltaWeight(nn.Module):
         return {k: v for k, v in self.params.items()}
 
     def delta_weight(self) -> torch.Tensor:
-        """``s·ΔW`` of the weight's shape, with autograd (the core's planned contraction)."""
+        """``s·ΔW`` of the weight's shape, with autograd (the core's planned contraction; under dynamo the
+        three-stage einsums, which trace without a graph break)."""
+        if self._structured and torch.compiler.is_compiling():
+            return Geometry(0).reconstruct(*self.views())
         return self.spec.reconstruct(self.param_dict(), self.scale)
 
     def init_delta(self) -> torch.Tensor:
@@ -305,7 +308,7 @@ class AdaptedLayer(_Hook):
         weight = base.weight.T if self.fan_in_fan_out else base.weight  # (out, in/groups, *kernel)
         if len(live) > 1 or not live[0]._structured:
             # Several adapters (or a kind without a three-stage form): one conv with W + Σ s·ΔW.
-            dw = sum(self._dense(d) for d in live)
+            dw = sum(d.delta_weight() for d in live)
             w = weight + (dw.T if self.fan_in_fan_out else dw).to(weight.dtype)
             return F.linear(x, w, base.bias) if geom.nd == 0 else base._conv_forward(x, w, base.bias)
         d = live[0]
@@ -330,19 +333,13 @@ class AdaptedLayer(_Hook):
             return y.reshape(*lead, y.shape[-1])
         return y.squeeze(0) if unbatched else y
 
-    def _dense(self, d: DeltaWeight) -> torch.Tensor:
-        """``s·ΔW`` in the weight's layout, through the traceable three-stage reconstruction where there is one."""
-        if d._structured:
-            return self.geometry.reconstruct(*d.views())
-        return d.delta_weight()
-
     def _embedding(self, idx: torch.Tensor, live: list[DeltaWeight]) -> torch.Tensor:
         base: nn.Embedding = self.base_layer  # type: ignore[assignment]
         kw = dict(padding_idx=base.padding_idx, max_norm=None, norm_type=base.norm_type,
                   scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
         d = live[0]
         if len(live) > 1 or not d._structured or d.strategy(self.geometry, idx.numel(), self.training)[0] == "rebuild":
-            dw = sum(self._dense(e) for e in live)
+            dw = sum(e.delta_weight() for e in live)
             return F.embedding(idx, base.weight + dw.to(base.weight.dtype), **kw)
         p_out, s, p_in, mg = d.views()
         dt = base.weight.dtype
