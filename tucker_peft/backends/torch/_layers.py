@@ -163,7 +163,7 @@ class DeltaWeight(nn.Module):
         """
         if not self._structured:
             return "rebuild", False
-        if geom in self._costs and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and geom in self._costs:  # dynamo never reads the cache
             recon, chain, staged = self._costs[geom]
         else:  # under dynamo: no mutable cache to guard on; the arithmetic is traced away
             p_out, s, p_in, mg = self.views() if views is None else views
