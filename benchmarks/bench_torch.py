@@ -20,7 +20,11 @@ convs), each layer at the largest LoCon rank within the LoRA r=8 budget;
 ``flora-official`` (the FLoRA reference strategy: ΔW = core ×ₙ Uₙ rebuilt every
 step, y = conv(x, W) + conv(x, ΔW)); and ours, ``tucker``, ``tucker2``, ``cp``,
 ``lora`` through ``tucker_peft.backends.torch`` (``forward='auto'``), plus
-``tucker[rebuild]`` and ``tucker[factorized]``.
+``tucker[rebuild]`` and ``tucker[factorized]``. With ``--compile BACKEND`` (default
+``inductor``; ``none`` skips them) ``floor``, ``peft-lora`` and ``tucker`` also run
+as ``<row>[compiled]``: the same model under ``torch.compile(model, backend=BACKEND)``,
+timed interleaved with the eager rows; their compile time is the first step's time
+minus the median step.
 
 Timing: all variants are built once (deep copies of one base), warmed up, then
 in each round every method runs one training step (zero_grad, forward, loss,
@@ -48,7 +52,8 @@ Inference after merging: the tucker model (after its timed training steps)
 ``merge_and_unload``-ed, PEFT LoRA merged, both unmerged, and the base model,
 timed interleaved in eval mode under ``torch.no_grad``; ratios to the base.
 
-Run from the repository root::
+Run from the repository root (``--baseline DIR`` adds ``<kind>@base`` rows: the same
+kinds through another checkout's binding, e.g. the main branch, for an eager A/B)::
 
     python benchmarks/bench_torch.py                   # both models, 20 rounds (~16 minutes on 2 busy cores)
     python benchmarks/bench_torch.py --model cnn --rounds 30
@@ -102,6 +107,10 @@ OURS_KINDS = ("tucker", "tucker2", "cp", "lora")
 FORWARDS = ("rebuild", "factorized")
 STEP_TARGET_FLOOR = 1.10  # tucker step time <= 1.10 x floor
 STEP_TARGET_PEFT = 0.75  # tucker step time <= 0.75 x PEFT LoRA
+EAGER_TARGET_PEFT = 0.80  # issue 9 §5: eager tucker stays <= 0.80 x PEFT LoRA while compiled rows catch up
+COMPILED_ROWS = ("floor", "peft-lora", "tucker")  # each also as "<row>[compiled]" with --compile BACKEND
+COMPILED_TARGET_FLOOR = 1.10  # tucker[compiled] <= 1.10 x floor[compiled]
+COMPILED_TARGET_PEFT = 1.00  # tucker[compiled] no slower than peft-lora[compiled]
 INFER_TOL = 0.05  # merged inference within 5 % of the base model
 
 
@@ -114,6 +123,7 @@ def _try(fn: Callable[[], Any]) -> tuple[Any, str]:
 
 
 _LIBS: dict[str, tuple[Any, str]] = {}
+BASELINE: list[str] = []  # --baseline DIR: a checkout whose binding also runs, as "<row>@base" rows
 
 
 def lib(name: str) -> tuple[Any, str]:
@@ -137,6 +147,18 @@ def lib(name: str) -> tuple[Any, str]:
                     getattr(m, a)
                 return m
             _LIBS[name] = _try(imp)
+        elif name == "ours@base":
+            def imp():
+                # Another checkout's package under its own name, e.g. the main branch: eager A/B in one process.
+                import importlib.util
+                root = os.path.join(BASELINE[0], "tucker_peft")
+                spec = importlib.util.spec_from_file_location("tucker_peft_baseline", os.path.join(root, "__init__.py"),
+                                                              submodule_search_locations=[root])
+                mod = importlib.util.module_from_spec(spec)
+                sys.modules["tucker_peft_baseline"] = mod
+                spec.loader.exec_module(mod)
+                return importlib.import_module("tucker_peft_baseline.backends.torch")
+            _LIBS[name] = _try(imp) if BASELINE else (None, "no --baseline given")
         elif name == "khmer":
             def imp():
                 from khmer_ocr_ocm.inference import load_model
@@ -385,8 +407,8 @@ def build_flora(w: Workload) -> Built:
     return Built(m, _trainable(m), _per_layer_under(m, w.targets), spec)
 
 
-def build_ours(w: Workload, kind: str, forward: str) -> Built:
-    ours, _ = lib("ours")
+def build_ours(w: Workload, kind: str, forward: str, which: str = "ours") -> Built:
+    ours, _ = lib(which)
     m = copy.deepcopy(w.base)
     torch.manual_seed(1)
     cfg = ours.AdapterConfig(kind=kind, budget=f"lora:{LORA_RANK}", target_modules=list(w.targets), forward=forward)
@@ -442,7 +464,19 @@ def forward_modes(model: nn.Module, w: Workload) -> dict[str, str]:
     return found
 
 
-def all_methods(forward_kinds: str = "tucker") -> list[tuple[Method, str | None]]:
+def compiled(build: Callable[[Workload], Built], backend: str) -> Callable[[Workload], Built]:
+    """``build``, with the model under ``torch.compile`` (compiled lazily, on the first step)."""
+    def f(w: Workload) -> Built:
+        b = build(w)
+        return Built(torch.compile(b.model, backend=backend), b.params, b.per_layer, b.spec)
+    return f
+
+
+def is_compiled(name: str) -> bool:
+    return name.endswith("[compiled]")
+
+
+def all_methods(forward_kinds: str = "tucker", compile_backend: str = "none") -> list[tuple[Method, str | None]]:
     """Every row, with the optional library it needs (None: none)."""
     out: list[tuple[Method, str | None]] = [
         (Method("floor", "floor", build_floor), None),
@@ -457,16 +491,25 @@ def all_methods(forward_kinds: str = "tucker") -> list[tuple[Method, str | None]
         if kind in fk:
             for fw in FORWARDS:
                 out.append((Method(f"{kind}[{fw}]", "ours", lambda w, k=kind, f=fw: build_ours(w, k, f)), "ours"))
+    if BASELINE:
+        for kind in OURS_KINDS:
+            out.append((Method(f"{kind}@base", "ours", lambda w, k=kind: build_ours(w, k, "auto", "ours@base")),
+                        "ours@base"))
+    if compile_backend != "none":
+        for m, need in list(out):
+            if m.name in COMPILED_ROWS:
+                out.append((Method(f"{m.name}[compiled]", m.group, compiled(m.build, compile_backend)), need))
     return out
 
 
-LIB_NAMES = {"peft": "peft", "lycoris": "lycoris", "ours": "tucker_peft.backends.torch"}
+LIB_NAMES = {"peft": "peft", "lycoris": "lycoris", "ours": "tucker_peft.backends.torch",
+             "ours@base": "the --baseline checkout's binding"}
 
 
 def methods_for(args: argparse.Namespace, notes: list[str]) -> list[Method]:
     """The rows to run: those whose library imports, filtered by ``--methods``."""
     out, missing = [], {}
-    for m, need in all_methods(args.forward_kinds):
+    for m, need in all_methods(args.forward_kinds, args.compile):
         if need is not None and lib(need)[0] is None:
             missing.setdefault(need, []).append(m.name)
             continue
@@ -475,7 +518,7 @@ def methods_for(args: argparse.Namespace, notes: list[str]) -> list[Method]:
         notes.append(f"{LIB_NAMES[need]} not importable ({lib(need)[1]}): skipping rows {', '.join(rows)}")
     if args.methods:
         keep = set(args.methods.split(","))
-        out = [m for m in out if m.name in keep or m.name == "floor"]
+        out = [m for m in out if m.name in keep or m.name.removesuffix("[compiled]") in keep | {"floor"}]
     return out
 
 
@@ -675,18 +718,18 @@ def run_model(w: Workload, args: argparse.Namespace, methods: list[Method], tabl
     # equal budgets, per layer
     shapes = {t: conv_shape(find_module(w.base, t)[1]) for t in w.targets}
     budget = {t: tp.LoRA(s, LORA_RANK).num_params for t, s in shapes.items()}
+    listed = [n for n in names if n != "floor" and not is_compiled(n)]  # a compiled row has its eager row's adapter
     pt = Table(f"{w.name}: trainable parameters per adapted layer (budget = LoRA r={LORA_RANK})",
-               ["layer", "shape", "budget"] + [n for n in names if n != "floor"])
+               ["layer", "shape", "budget"] + listed)
     for t in w.targets:
         row = [t, "×".join(map(str, shapes[t])), str(budget[t])]
-        for n in names:
-            if n != "floor":
-                k = built[n].per_layer[t]
-                row.append(f"{k} ({100 * k / budget[t]:.0f}%)")
+        for n in listed:
+            k = built[n].per_layer[t]
+            row.append(f"{k} ({100 * k / budget[t]:.0f}%)")
         pt.rows.append(row)
-    st = Table(f"{w.name}: adapter per layer", ["layer"] + [n for n in names if n != "floor"])
+    st = Table(f"{w.name}: adapter per layer", ["layer"] + listed)
     for t in w.targets:
-        st.rows.append([t] + [built[n].spec[t] for n in names if n != "floor"])
+        st.rows.append([t] + [built[n].spec[t] for n in listed])
     over = [(n, t) for n in names for t in w.targets if built[n].per_layer[t] > budget[t]]
     if over:
         print(f"WARNING: {w.name}: over the LoRA r={LORA_RANK} budget: {over}")
@@ -694,10 +737,14 @@ def run_model(w: Workload, args: argparse.Namespace, methods: list[Method], tabl
     # warm-up, then interleaved timing
     steps: dict[str, Callable[[], None]] = {}
     opts: dict[str, Any] = {}
+    first: dict[str, float] = {}  # the first step's seconds: a compiled row's includes its compile
     for n in names:
         steps[n], opts[n] = make_step(built[n].model, built[n].params, w)
-        for _ in range(args.warmup):
+        for i in range(max(1, args.warmup)):
+            t1 = time.perf_counter()
             steps[n]()
+            if i == 0:
+                first[n] = time.perf_counter() - t1
     t0 = time.perf_counter()
     samples = interleaved(steps, args.rounds, args.seed)
     timing_s = time.perf_counter() - t0
@@ -709,10 +756,14 @@ def run_model(w: Workload, args: argparse.Namespace, methods: list[Method], tabl
         b = built[n]
         peak = profiled_peak(steps[n], opts[n])
         resident = tensor_bytes(b.model) + opt_state_bytes(opts[n])
-        mem[n] = {"saved": saved_bytes(b.model, w), "step_peak": peak, "resident": resident, "total": resident + peak,
+        # saved_tensors_hooks would send a compiled model back through dynamo: not measured there
+        saved = None if is_compiled(n) else saved_bytes(b.model, w)
+        mem[n] = {"saved": saved, "step_peak": peak, "resident": resident, "total": resident + peak,
                   "rss": None, "rss_note": ""}
     if args.rss:
         for n in names:
+            if is_compiled(n):
+                continue
             mem[n]["rss"], mem[n]["rss_note"] = isolated_rss(w.name, n, args.quick)
             if mem[n]["rss_note"]:
                 print(f"note: {w.name}: isolated RSS run of {n} failed: {mem[n]['rss_note']}")
@@ -725,6 +776,8 @@ def run_model(w: Workload, args: argparse.Namespace, methods: list[Method], tabl
                 "paired x peft"],
                note="x floor / x peft-lora: ratio of medians; paired: median over rounds of the per-round ratio")
     for n in names:
+        if is_compiled(n):
+            continue
         q = statistics.quantiles(samples[n], n=4) if len(samples[n]) >= 2 else [med[n]] * 3
         tt.rows.append([n, str(sum(p.numel() for p in built[n].params)), ms(med[n]), f"{ms(q[0])}-{ms(q[2])}",
                         rx(med[n] / med["floor"]), rx(med[n] / med["peft-lora"]) if has_peft else "–",
@@ -794,7 +847,27 @@ def run_model(w: Workload, args: argparse.Namespace, methods: list[Method], tabl
     for k in inf:
         it.rows.append([k, ms(inf_med[k]), rx(inf_med[k] / inf_med["base"]), rx(paired(inf, k, "base"))])
 
-    for t in (tt, mt, pt, st, it):
+    ct = None
+    if "floor[compiled]" in med:
+        cf, cp_ = "floor[compiled]", "peft-lora[compiled]"
+        has_cp = cp_ in med
+        ct = Table(f"{w.name}: compiled training step (torch.compile backend={args.compile}; the same "
+                   f"{args.rounds} interleaved rounds)",
+                   ["method", "step ms", "p25-p75 ms", "x floor[c]", "x peft-lora[c]", "paired x floor[c]",
+                    "paired x peft[c]", "x eager self", "compile s"],
+                   note="[c]: the compiled row; x eager self: paired ratio to the same row in eager mode; "
+                        "compile s: first step minus the median step")
+        for n in [n for n in names if is_compiled(n)]:
+            q = statistics.quantiles(samples[n], n=4) if len(samples[n]) >= 2 else [med[n]] * 3
+            eager = n[: -len("[compiled]")]
+            ct.rows.append([n, ms(med[n]), f"{ms(q[0])}-{ms(q[2])}", rx(med[n] / med[cf]),
+                            rx(med[n] / med[cp_]) if has_cp else "–", rx(paired(samples, n, cf)),
+                            rx(paired(samples, n, cp_)) if has_cp else "–",
+                            rx(paired(samples, n, eager)) if eager in med else "–",
+                            f"{max(0.0, first[n] - med[n]):.1f}"])
+    for t in (tt, ct, mt, pt, st, it):
+        if t is None:
+            continue
         tables.append(t)
         print(t.render(False), flush=True)
     if share is not None:
@@ -818,6 +891,22 @@ def run_model(w: Workload, args: argparse.Namespace, methods: list[Method], tabl
                                 f"vs {mib(b['step_peak'])} MiB"
                                 + (f"; RSS Δ {mib(a['rss'])} vs {mib(b['rss'])} MiB"
                                    if a["rss"] is not None and b["rss"] is not None else "")))
+        if has_peft:
+            r = paired(samples, "tucker", "peft-lora")
+            checks.append(Check(f"{w.name}: eager tucker step <= {EAGER_TARGET_PEFT:.2f}x peft-lora (paired)",
+                                r <= EAGER_TARGET_PEFT, f"{r:.2f}x (ratio of medians "
+                                f"{med['tucker'] / med['peft-lora']:.2f}x)"))
+        if "tucker[compiled]" in med and "floor[compiled]" in med:
+            r = paired(samples, "tucker[compiled]", "floor[compiled]")
+            checks.append(Check(f"{w.name}: tucker[compiled] step <= {COMPILED_TARGET_FLOOR:.2f}x floor[compiled] "
+                                "(paired)", r <= COMPILED_TARGET_FLOOR,
+                                f"{r:.2f}x (ratio of medians {med['tucker[compiled]'] / med['floor[compiled]']:.2f}x)"))
+            if "peft-lora[compiled]" in med:
+                r = paired(samples, "tucker[compiled]", "peft-lora[compiled]")
+                checks.append(Check(f"{w.name}: tucker[compiled] step <= {COMPILED_TARGET_PEFT:.2f}x "
+                                    "peft-lora[compiled] (paired)", r <= COMPILED_TARGET_PEFT,
+                                    f"{r:.2f}x (ratio of medians "
+                                    f"{med['tucker[compiled]'] / med['peft-lora[compiled]']:.2f}x)"))
         if "tucker merged" in inf_med:
             r = inf_med["tucker merged"] / inf_med["base"]
             checks.append(Check(f"{w.name}: merged tucker inference = base within {INFER_TOL:.0%}",
@@ -840,7 +929,7 @@ def run_model(w: Workload, args: argparse.Namespace, methods: list[Method], tabl
         "methods": {n: {"group": next(m.group for m in methods if m.name == n),
                         "trainable": sum(p.numel() for p in built[n].params),
                         "per_layer": built[n].per_layer, "spec": built[n].spec,
-                        "step_s": samples[n], "step_median_s": med[n],
+                        "step_s": samples[n], "step_median_s": med[n], "first_step_s": first[n],
                         "x_floor": med[n] / med["floor"], "paired_x_floor": paired(samples, n, "floor"),
                         "x_peft": med[n] / med["peft-lora"] if has_peft else None,
                         "paired_x_peft": paired(samples, n, "peft-lora") if has_peft else None,
@@ -874,6 +963,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="", help="comma list of rows to keep (floor is always kept)")
     ap.add_argument("--rss", dest="rss", action="store_true", default=None, help="isolated-process RSS (default on)")
     ap.add_argument("--no-rss", dest="rss", action="store_false", help="skip the isolated-process RSS runs")
+    ap.add_argument("--compile", default=None, metavar="BACKEND",
+                    help="torch.compile backend of the [compiled] rows (default inductor; 'none' with --quick or "
+                         "to skip them)")
+    ap.add_argument("--baseline", metavar="DIR", help="another checkout (e.g. the main branch): its binding's "
+                    "tucker/tucker2/cp/lora also run, as '<kind>@base' rows, interleaved with ours")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--markdown", metavar="PATH", help="write the tables as Markdown")
@@ -894,6 +988,10 @@ def main(argv: list[str] | None = None) -> int:
         args.warmup = 1 if args.quick else 3
     if args.rss is None:
         args.rss = not args.quick
+    if args.baseline:
+        BASELINE[:] = [os.path.abspath(args.baseline)]
+    if args.compile is None:
+        args.compile = "none" if args.quick else "inductor"
 
     command = " ".join(["python", "benchmarks/bench_torch.py", *(sys.argv[1:] if argv is None else argv)])
     env = environment() + [f"command: {command}"]

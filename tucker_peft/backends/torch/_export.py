@@ -241,6 +241,9 @@ def export_peft_lora(model: nn.Module, path: str | os.PathLike, adapter_name: st
             if isinstance(base, nn.Embedding):
                 b, a = lora_factors(d)
                 pair = {"lora_embedding_A": b.T, "lora_embedding_B": a.T}
+            elif h.fan_in_fan_out:  # transformers Conv1D: ΔW = B @ A is (in, out); PEFT's lora_B @ lora_A is ΔWᵀ
+                b, a = lora_factors(d)
+                pair = {"lora_A.weight": b.T, "lora_B.weight": a.T}
             elif isinstance(base, nn.Linear):
                 b, a = lora_factors(d)
                 pair = {"lora_A.weight": a, "lora_B.weight": b}
@@ -268,7 +271,9 @@ def export_peft_lora(model: nn.Module, path: str | os.PathLike, adapter_name: st
         "r": r0, "lora_alpha": r0, "lora_dropout": 0.0,
         "target_modules": "|".join(re.escape(m) for m in modules) if modules else None,
         "target_parameters": sorted(param_paths) or None, "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "alpha_pattern": dict(pattern), "bias": "none",
+        # PEFT sets it per layer (True on Conv1D, False on Linear) whatever the config says; state it truthfully
+        "fan_in_fan_out": any(h.fan_in_fan_out for _, h, _ in deltas if isinstance(h, AdaptedLayer)), "use_rslora": False,
         "init_lora_weights": True, "modules_to_save": None,
     }
     path = os.fspath(path)

@@ -187,17 +187,6 @@ def _layer_entry(entry: Mapping[str, Any]) -> tuple[Any, float, bool]:
     return spec, scale, has_init
 
 
-def _active_state(h: Any) -> Any:
-    return tuple(h.active_adapters) if hasattr(h, "active_adapters") else h.active_adapter
-
-
-def _restore_active(h: Any, state: Any) -> None:
-    if hasattr(h, "set_active"):
-        h.set_active(state)
-    else:
-        h.active_adapter = state
-
-
 class _Snapshot:
     """What a load may change, to restore exactly: touched tensors' bytes, trainability, active adapters."""
 
@@ -206,7 +195,7 @@ class _Snapshot:
         self.names = set(adapter_names(model))
         self.grad = [(p, p.requires_grad) for p in model.parameters()]
         self.values = [(t, t.detach().clone()) for t in touched]
-        self.active = [(h, _active_state(h)) for _, h in adapted_layers(model)]
+        self.active = [(h, tuple(h.active_adapters)) for _, h in adapted_layers(model)]
         self.hooks = {id(h) for h, _ in self.active}
 
     def restore(self, name: str) -> None:
@@ -224,7 +213,7 @@ class _Snapshot:
         for p, g in self.grad:
             p.requires_grad_(g)
         for h, a in self.active:
-            _restore_active(h, a)
+            h.set_active(a)
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, *,

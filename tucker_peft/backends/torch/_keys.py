@@ -30,16 +30,9 @@ _BASE = "base_layer."
 _OWN = ("adapters.", _BASE)
 
 
-def _merged_names(layer: Any) -> tuple[str, ...]:
-    m = layer.merged
-    if m is None:
-        return ()
-    return (m,) if isinstance(m, str) else tuple(m)
-
-
 def _offset(layer: Any, sd: dict[str, Any], prefix: str) -> torch.Tensor | None:
     """``Σ s·ΔW₀ (hosvd adapters) − Σ s·ΔW (merged adapters)``: plain-model weight minus ``base_layer.weight``."""
-    merged = _merged_names(layer)
+    merged = layer.merged
     total = None
     for n, d in layer.adapters.items():
         parts = []

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+import sys
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -15,27 +16,53 @@ from ...cp import CP
 from ...lora import LoRA
 from ...tucker import Tucker
 from ._keys import base_keys_on_load, base_keys_on_save
-from ._ops import FusedDelta, Geometry, contract, factorized, stage_costs
+from ._ops import FusedDelta, Geometry, contract, factorized, stage_costs, symbols
 
-__all__ = ["DeltaWeight", "AdaptedLayer", "DeltaParametrization", "SUPPORTED"]
+__all__ = ["DeltaWeight", "AdaptedLayer", "DeltaParametrization", "SUPPORTED", "supported_types"]
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
-_SPATIAL = "pqr"
+
+
+def _hf_conv1d() -> Any:
+    """transformers' ``Conv1D`` (GPT-2 family: weight ``(in, out)``, ``y = x @ W + b``) if transformers is loaded.
+
+    Never imports transformers: a model holding a Conv1D has imported it already.
+    """
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return getattr(mod, "Conv1D", None)
+
+
+def supported_types() -> tuple[type, ...]:
+    """The layer types :class:`AdaptedLayer` wraps: :data:`SUPPORTED`, and transformers' Conv1D once loaded."""
+    c = _hf_conv1d()
+    return SUPPORTED if c is None else SUPPORTED + (c,)
+
+
+def _is_conv1d(base: nn.Module) -> bool:
+    c = _hf_conv1d()
+    return c is not None and isinstance(base, c)
 
 
 def _kernel_equation(spec: Tucker) -> tuple[str, list[str]]:
-    """Einsum folding Tucker's kernel factors into the core: ``(c0, c1, *kernel)``."""
-    core, out, factors = "ab", "ab", []
+    """Einsum folding Tucker's kernel factors into the core: ``(c0, c1, *kernel)``, any number of kernel modes."""
+    nk = len(spec.shape) - 2
+    ks = symbols(nk, "ab")  # the kernel modes
+    rs = symbols(nk, "ab" + ks)  # their ranks
+    core, factors = "ab", []
     for n, r in enumerate(spec.ranks[2:]):
-        k = _SPATIAL[n]
         if r is None:
-            core += k
+            core += ks[n]
         else:
-            core += "xyz"[n]
-            factors.append((f"factor_{n + 2}", k + "xyz"[n]))
-        out += k
-    eq = ",".join([core] + [t for _, t in factors]) + "->" + out
+            core += rs[n]
+            factors.append((f"factor_{n + 2}", ks[n] + rs[n]))
+    eq = ",".join([core] + [t for _, t in factors]) + "->ab" + ks
     return eq, [name for name, _ in factors]
+
+
+def _transposed(views: tuple[Any, torch.Tensor, Any, int]) -> tuple[Any, torch.Tensor, Any, int]:
+    """Three-stage views of ``ΔWᵀ`` from those of a 2-D ``ΔW`` (a Conv1D's ``(in, out)`` weight)."""
+    p_out, s, p_in, mg = views
+    return p_in, (s if mg > 1 else s.T), p_out, mg
 
 
 class DeltaWeight(nn.Module):
@@ -90,9 +117,16 @@ class DeltaWeight(nn.Module):
         return f"{self.spec!r}, scale={self.scale}, forward={self.forward_mode!r}"
 
     # -- ΔW -------------------------------------------------------------------
+    def param_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable params by name (a plain dict; ``dict(ParameterDict)`` does not trace under dynamo)."""
+        return {k: v for k, v in self.params.items()}
+
     def delta_weight(self) -> torch.Tensor:
-        """``s·ΔW`` of the weight's shape, with autograd (the core's planned contraction)."""
-        return self.spec.reconstruct(dict(self.params), self.scale)
+        """``s·ΔW`` of the weight's shape, with autograd (the core's planned contraction; under dynamo the
+        three-stage einsums, which trace without a graph break)."""
+        if self._structured and torch.compiler.is_compiling():
+            return Geometry(0).reconstruct(*self.views())
+        return self.spec.reconstruct(self.param_dict(), self.scale)
 
     def init_delta(self) -> torch.Tensor:
         """``s·ΔW₀``, the part moved out of the base weight at 'hosvd' init."""
@@ -100,7 +134,7 @@ class DeltaWeight(nn.Module):
 
     def views(self, params: Mapping[str, torch.Tensor] | None = None) -> tuple[Any, torch.Tensor, Any, int]:
         """``(P_out, S, P_in, mg)`` of the three-stage form (see :mod:`._ops`), s folded into S."""
-        p = dict(self.params) if params is None else params
+        p = self.param_dict() if params is None else params
         spec, s = self.spec, self.scale
         kernel = spec.shape[2:]
         if isinstance(spec, Tucker):
@@ -114,21 +148,29 @@ class DeltaWeight(nn.Module):
         if isinstance(spec, CP):
             w = p["weights"] * s
             if kernel:
-                terms = ",".join(f"{_SPATIAL[n]}a" for n in range(len(kernel)))
-                w = contract(f"a,{terms}->a{_SPATIAL[:len(kernel)]}", w, *[p[f"factor_{n + 2}"] for n in range(len(kernel))])
+                ks = symbols(len(kernel), "a")
+                terms = ",".join(f"{k}a" for k in ks)
+                w = contract(f"a,{terms}->a{ks}", w, *[p[f"factor_{n + 2}"] for n in range(len(kernel))])
             return p["factor_0"], w.reshape(spec.rank, 1, *kernel), p["factor_1"], spec.rank
         if isinstance(spec, LoRA):
             return p["B"], (p["A"] * s).reshape(spec.rank, *spec.shape[1:]), None, 1
         raise TuckerPeftError(f"kind {spec.kind!r} has no three-stage form")  # pragma: no cover
 
-    def strategy(self, geom: Geometry, positions: int, training: bool) -> tuple[str, bool]:
-        """('rebuild' or 'factorized', staged backward?) for an input with ``positions`` output positions."""
+    def strategy(self, geom: Geometry, positions: int, training: bool,
+                 views: tuple[Any, torch.Tensor, Any, int] | None = None) -> tuple[str, bool]:
+        """('rebuild' or 'factorized', staged backward?) for an input with ``positions`` output positions.
+
+        ``views``: those the layer runs with (default :meth:`views`); only their shapes are read.
+        """
         if not self._structured:
             return "rebuild", False
-        if geom not in self._costs:
-            p_out, s, p_in, mg = self.views()
-            self._costs[geom] = stage_costs(geom, self.spec.shape, p_out, tuple(s.shape), p_in, mg)
-        recon, chain, staged = self._costs[geom]
+        if not torch.compiler.is_compiling() and geom in self._costs:  # dynamo never reads the cache
+            recon, chain, staged = self._costs[geom]
+        else:  # under dynamo: no mutable cache to guard on; the arithmetic is traced away
+            p_out, s, p_in, mg = self.views() if views is None else views
+            recon, chain, staged = stage_costs(geom, tuple(self.spec.shape), p_out, tuple(s.shape), p_in, mg)
+            if not torch.compiler.is_compiling():
+                self._costs[geom] = (recon, chain, staged)
         full = math.prod(self.spec.shape)  # the full weight gradient, per position
         # The stages make several passes over activations: take them when clearly fewer multiply-adds.
         use_stages = 2 * staged < full if self._staged is None else self._staged
@@ -143,9 +185,7 @@ class DeltaWeight(nn.Module):
 
 
 def _geometry(base: nn.Module) -> Geometry:
-    if isinstance(base, nn.Linear):
-        return Geometry(0)
-    if isinstance(base, nn.Embedding):
+    if isinstance(base, (nn.Linear, nn.Embedding)) or _is_conv1d(base):
         return Geometry(0)
     nd = base.weight.ndim - 2
     if base.padding_mode != "zeros" or isinstance(base.padding, str):
@@ -158,27 +198,73 @@ def _geometry(base: nn.Module) -> Geometry:
     return Geometry(nd, base.groups, tuple(base.stride), padding, tuple(base.dilation))
 
 
-class AdaptedLayer(nn.Module):
-    """A Linear, ConvNd or Embedding with named adapters; one active at a time.
+class _Hook(nn.Module):
+    """What both hooks share: named adapters, the active and the merged ones, merging.
+
+    ``active_adapters``: the names whose ``s·ΔW`` add to the weight (``()``: off);
+    ``merged``: those already added into the base weight. Set the active ones with
+    :meth:`set_active` only.
+    """
+
+    def __init__(self, name: str = "") -> None:
+        super().__init__()
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: tuple[str, ...] = ()
+        self.merged: tuple[str, ...] = ()
+        self.layer_name = name
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The active adapter's name if exactly one is active, else None."""
+        return self.active_adapters[0] if len(self.active_adapters) == 1 else None
+
+    def set_active(self, names: Iterable[str]) -> None:
+        """Make ``names`` (adapters of this hook, in order) the active ones."""
+        names = tuple(names)
+        bad = [n for n in names if n not in self.adapters]
+        if bad or len(set(names)) != len(names):
+            raise TuckerPeftError(f"{self.layer_name!r}: expected distinct adapter names among {list(self.adapters)}, "
+                                  f"got {list(names)}")
+        self.active_adapters = names
+
+    def _live(self) -> list[DeltaWeight]:
+        """The active adapters not merged into the weight: those the forward adds."""
+        return [self.adapters[n] for n in self.active_adapters if n not in self.merged]  # type: ignore[misc]
+
+    def merge(self, weight: torch.Tensor) -> None:
+        """Add every active, unmerged adapter's ``s·ΔW`` into ``weight`` (the base weight, in place)."""
+        for n in self.active_adapters:
+            if n not in self.merged:
+                _add_(weight, self.adapters[n].delta_weight(), 1.0)
+                self.merged = self.merged + (n,)
+
+    def unmerge(self, weight: torch.Tensor) -> None:
+        """Undo :meth:`merge` on ``weight``."""
+        for n in reversed(self.merged):
+            _add_(weight, self.adapters[n].delta_weight(), -1.0)
+        self.merged = ()
+
+
+class AdaptedLayer(_Hook):
+    """A Linear, ConvNd, Embedding or transformers Conv1D with named adapters.
 
     The wrapped layer stays at ``base_layer`` (its weight frozen), adapters at
     ``adapters[name]``. The output equals the base layer's with
-    ``W + s·ΔW``.
+    ``W + Σ s·ΔW`` over the active adapters; ΔW has the weight's own layout
+    (``(in, out)`` for a Conv1D).
     """
 
     def __init__(self, base: nn.Module, name: str = "") -> None:
-        super().__init__()
-        if not isinstance(base, SUPPORTED):
+        super().__init__(name)
+        types = supported_types()
+        if not isinstance(base, types):
             raise TuckerPeftError(f"layer {name!r}: expected one of "
-                                  f"{[c.__name__ for c in SUPPORTED]}, got {type(base).__name__}")
+                                  f"{[c.__name__ for c in types]}, got {type(base).__name__}")
         if isinstance(base, nn.Embedding) and base.max_norm is not None:
             raise TuckerPeftError(f"layer {name!r}: nn.Embedding with max_norm renormalises its weight in place; "
                                   "expected max_norm=None")
         self.base_layer = base
-        self.adapters = nn.ModuleDict()
-        self.active_adapter: str | None = None
-        self.merged: str | None = None
-        self.layer_name = name
+        self.fan_in_fan_out = _is_conv1d(base)  # weight stored (in, out)
         # state_dict keeps the plain layer's keys ('q.weight', not 'q.base_layer.weight'): see _keys.py.
         self.register_state_dict_post_hook(base_keys_on_save)
         self.register_load_state_dict_pre_hook(base_keys_on_load)
@@ -198,38 +284,53 @@ class AdaptedLayer(nn.Module):
     def bias(self) -> Any:
         return getattr(self.base_layer, "bias", None)
 
+    def merge(self, weight: torch.Tensor | None = None) -> None:
+        super().merge(self.base_layer.weight if weight is None else weight)
+
+    def unmerge(self, weight: torch.Tensor | None = None) -> None:
+        super().unmerge(self.base_layer.weight if weight is None else weight)
+
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         if self._prepad is None:
             return x
         pads, mode = self._prepad
         return F.pad(x, pads, mode=mode)
 
+    def _views(self, d: DeltaWeight) -> tuple[Any, torch.Tensor, Any, int]:
+        """Three-stage views in the ``(out, in/groups, *kernel)`` layout the ops use."""
+        v = d.views()
+        return _transposed(v) if self.fan_in_fan_out else v
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        name = self.active_adapter
-        if name is None or self.merged is not None:
+        live = self._live()
+        if not live:
             return self.base_layer(x)
-        d: DeltaWeight = self.adapters[name]  # type: ignore[assignment]
         base = self.base_layer
         if isinstance(base, nn.Embedding):
-            return self._embedding(x, d)
+            return self._embedding(x, live)
         geom = self.geometry
-        if not d._structured:
-            w = base.weight + d.delta_weight().to(base.weight.dtype)
+        weight = base.weight.T if self.fan_in_fan_out else base.weight  # (out, in/groups, *kernel)
+        if len(live) > 1 or not live[0]._structured:
+            # Several adapters (or a kind without a three-stage form): one conv with W + Σ s·ΔW.
+            dw = sum(d.delta_weight() for d in live)
+            w = weight + (dw.T if self.fan_in_fan_out else dw).to(weight.dtype)
             return F.linear(x, w, base.bias) if geom.nd == 0 else base._conv_forward(x, w, base.bias)
-        lead = x.shape[:-1] if geom.nd == 0 and x.ndim != 2 else None  # 2-D: no reshape, so no view returned
+        d = live[0]
+        lead = x.shape[:-1] if geom.nd == 0 and x.ndim != 2 else None
         unbatched = geom.nd > 0 and x.ndim == geom.nd + 1
-        if lead is not None:
+        if lead is not None:  # the ops take (N, in); only reshape (a view, as nn.Linear's) where needed
             x = x.reshape(-1, x.shape[-1])
         elif unbatched:
             x = x.unsqueeze(0)
         positions = x.shape[0] * (math.prod(x.shape[2:]) // max(1, math.prod(geom.stride)) if geom.nd else 1)
-        p_out, s, p_in, mg = d.views()
-        mode, staged = d.strategy(geom, positions, self.training)
+        views = self._views(d)
+        p_out, s, p_in, mg = views
+        mode, staged = d.strategy(geom, positions, self.training, views)
         if mode == "rebuild":
-            y = FusedDelta.apply(self._pad(x), base.weight, base.bias, p_out, s, p_in, geom, mg, staged)
+            y = FusedDelta.apply(self._pad(x), weight, base.bias, p_out, s, p_in, geom, mg, staged)
         else:
             xp = self._pad(x)
-            y = geom.conv(xp, base.weight, geom.groups, base.bias)
+            y = geom.conv(xp, weight, geom.groups, base.bias)
             xd = self._pad(d.dropout(x)) if d.dropout is not None else xp
             y = y + factorized(geom, xd, p_out, s, p_in, mg).to(y.dtype)
         if lead is not None:
@@ -238,12 +339,14 @@ class AdaptedLayer(nn.Module):
             return y
         return y.squeeze(0) if unbatched else y
 
-    def _embedding(self, idx: torch.Tensor, d: DeltaWeight) -> torch.Tensor:
+    def _embedding(self, idx: torch.Tensor, live: list[DeltaWeight]) -> torch.Tensor:
         base: nn.Embedding = self.base_layer  # type: ignore[assignment]
         kw = dict(padding_idx=base.padding_idx, max_norm=None, norm_type=base.norm_type,
                   scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
-        if not d._structured or d.strategy(self.geometry, idx.numel(), self.training)[0] == "rebuild":
-            return F.embedding(idx, base.weight + d.delta_weight().to(base.weight.dtype), **kw)
+        d = live[0]
+        if len(live) > 1 or not d._structured or d.strategy(self.geometry, idx.numel(), self.training)[0] == "rebuild":
+            dw = sum(e.delta_weight() for e in live)
+            return F.embedding(idx, base.weight + dw.to(base.weight.dtype), **kw)
         p_out, s, p_in, mg = d.views()
         dt = base.weight.dtype
         if p_out is not None:
@@ -257,34 +360,15 @@ class AdaptedLayer(nn.Module):
             h = torch.where((idx == base.padding_idx).unsqueeze(-1), h.detach(), h)
         return base(idx) + h
 
-    # -- merging --------------------------------------------------------------
-    def merge(self) -> None:
-        if self.merged is not None or self.active_adapter is None:
-            return
-        _add_(self.base_layer.weight, self.adapters[self.active_adapter].delta_weight(), 1.0)
-        self.merged = self.active_adapter
 
-    def unmerge(self) -> None:
-        if self.merged is None:
-            return
-        _add_(self.base_layer.weight, self.adapters[self.merged].delta_weight(), -1.0)
-        self.merged = None
-
-
-class DeltaParametrization(nn.Module):
-    """``torch.nn.utils.parametrize`` hook for any N-D parameter: ``W ↦ W + s·ΔW``."""
-
-    def __init__(self, name: str = "") -> None:
-        super().__init__()
-        self.adapters = nn.ModuleDict()
-        self.active_adapter: str | None = None
-        self.merged: str | None = None
-        self.layer_name = name
+class DeltaParametrization(_Hook):
+    """``torch.nn.utils.parametrize`` hook for any N-D parameter: ``W ↦ W + Σ s·ΔW`` over the active adapters."""
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if self.active_adapter is None or self.merged is not None:
+        live = self._live()
+        if not live:
             return w
-        dw = self.adapters[self.active_adapter].delta_weight()
+        dw = sum(d.delta_weight() for d in live)
         return w + dw.to(w.dtype)
 
 

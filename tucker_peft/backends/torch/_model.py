@@ -18,7 +18,7 @@ from ..._errors import TuckerPeftError, fmt_shape
 from . import _modules_to_save as _mts
 from ._config import ALL_LINEAR, AdapterConfig, LayerTooSmall, name_matches
 from ._keys import attach_owner_hooks
-from ._layers import SUPPORTED, AdaptedLayer, DeltaParametrization, DeltaWeight, _add_
+from ._layers import AdaptedLayer, DeltaParametrization, DeltaWeight, _add_, supported_types
 
 __all__ = [
     "inject", "add_adapter", "set_adapter", "disable_adapters", "delete_adapter", "adapter_names", "active_adapter",
@@ -68,11 +68,12 @@ def _base_module(mod: nn.Module) -> nn.Module:
 
 def _candidates(model: nn.Module) -> dict[str, nn.Module]:
     out = {}
+    types = supported_types()
     for name, mod in model.named_modules():
         if not name or _is_internal(name):
             continue
         base = _base_module(mod)
-        if isinstance(base, SUPPORTED):
+        if isinstance(base, types):
             out[name] = mod
     return out
 
@@ -97,7 +98,7 @@ def _named_weights(model: nn.Module) -> dict[str, tuple[nn.Module, str, torch.Te
 
 def _linear_types() -> tuple[type, ...]:
     """``nn.Linear``, and transformers' ``Conv1D`` where the binding supports it (checked lazily)."""
-    return tuple(t for t in SUPPORTED if issubclass(t, nn.Linear) or t.__name__ == "Conv1D")
+    return tuple(t for t in supported_types() if issubclass(t, nn.Linear) or t.__name__ == "Conv1D")
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -130,7 +131,7 @@ def _select_modules(model: nn.Module, targets: Any) -> list[str]:
             continue
         if name not in cands:
             raise TuckerPeftError(f"target_modules: {name!r} is a {type(mod).__name__}; expected one of "
-                                  f"{[c.__name__ for c in SUPPORTED]} (use target_parameters for other weights)")
+                                  f"{[c.__name__ for c in supported_types()]} (use target_parameters for other weights)")
         chosen.append(name)
     return chosen
 
@@ -237,8 +238,8 @@ def _check_free(mod: nn.Module, attr: str, path: str, adapter_name: str, init: s
     if adapter_name in hook.adapters:
         raise TuckerPeftError(f"adapter_name: {adapter_name!r} already exists on {path!r}; "
                               "expected a new name (or delete_adapter first)")
-    if hook.merged is not None:
-        raise TuckerPeftError(f"{path!r} has adapter {hook.merged!r} merged; unmerge before adding another")
+    if hook.merged:
+        raise TuckerPeftError(f"{path!r} has adapters {list(hook.merged)} merged; unmerge before adding another")
     if init == "hosvd" or any(d.has_init for d in hook.adapters.values()):
         raise TuckerPeftError(f"{path!r}: an 'hosvd' adapter replaces the base weight by its residual, so it cannot "
                               "share the weight with another adapter; expected one adapter on this weight")
@@ -300,7 +301,7 @@ def _attach(model: nn.Module, targets: list[Target], adapter_name: str, config: 
         mod, attr, w = weights[t.path]
         hook = _hook(mod, attr)
         if hook is None:
-            if isinstance(mod, SUPPORTED) and attr == "weight" and t.path in (f"{t.module_path}.weight",) \
+            if isinstance(mod, supported_types()) and attr == "weight" and t.path in (f"{t.module_path}.weight",) \
                     and not parametrize.is_parametrized(mod):
                 hook = AdaptedLayer(mod, t.module_path)
                 _set_module(model, t.module_path, hook)
@@ -438,33 +439,41 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 
 def active_adapter(model: nn.Module) -> str | None:
-    """The active adapter's name (None when adapters are off)."""
-    names = {hook.active_adapter for _, hook in adapted_layers(model) if hook.active_adapter is not None}
+    """The active adapter's name (None when adapters are off or several are active)."""
+    names = {n for _, hook in adapted_layers(model) for n in hook.active_adapters}
     return next(iter(names)) if len(names) == 1 else None
 
 
-def set_adapter(model: nn.Module, adapter_name: str | None, *, trainable: bool = True) -> None:
-    """Make ``adapter_name`` the active adapter on every layer that has it (None: adapters off).
+def set_adapter(model: nn.Module, adapter_name: str | list[str] | tuple[str, ...] | None, *,
+                trainable: bool = True) -> None:
+    """Make ``adapter_name`` the active adapter on every layer that has it (None or ``[]``: adapters off).
 
-    Its parameters become trainable (unless ``trainable=False``); the others' are frozen.
+    A list activates several adapters at once: each layer adds the ``s·ΔW`` of
+    every listed adapter it has. Their parameters become trainable (unless
+    ``trainable=False``); the others' are frozen. Nothing changes on an error.
     """
+    names = () if adapter_name is None else (adapter_name,) if isinstance(adapter_name, str) else adapter_name
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names) \
+            or len(set(names)) != len(names):
+        raise TuckerPeftError(f"adapter_name: expected a name, a list of distinct names or None, got {adapter_name!r}")
+    names = tuple(names)
     hooks = list(adapted_layers(model))
-    if adapter_name is not None and not any(adapter_name in h.adapters for _, h in hooks):
-        raise TuckerPeftError(f"adapter_name: expected one of {adapter_names(model)}, got {adapter_name!r}")
-    _mts.check_active(model, adapter_name)
+    for n in names:
+        if not any(n in h.adapters for _, h in hooks):
+            raise TuckerPeftError(f"adapter_name: expected one of {adapter_names(model)}, got {n!r}")
+    _mts.check_active(model, names)
     for path, h in hooks:
-        if h.merged is not None and h.merged != adapter_name:
-            raise TuckerPeftError(f"{path!r} has adapter {h.merged!r} merged; unmerge before switching adapters")
+        if any(m not in names for m in h.merged):
+            raise TuckerPeftError(f"{path!r} has adapters {list(h.merged)} merged; unmerge before switching adapters")
+        if any(d.has_init and n not in names for n, d in h.adapters.items()):
+            raise TuckerPeftError(f"{h.layer_name!r}: its 'hosvd' adapter holds part of the base weight and "
+                                  "cannot be switched off; delete it or merge it instead")
     for _, h in hooks:
         for n, d in h.adapters.items():
             for p in d.params.values():
-                p.requires_grad_(trainable and n == adapter_name)
-        has = adapter_name in h.adapters
-        if not has and any(d.has_init for d in h.adapters.values()):
-            raise TuckerPeftError(f"{h.layer_name!r}: its 'hosvd' adapter holds part of the base weight and "
-                                  "cannot be switched off; delete it or merge it instead")
-        h.active_adapter = adapter_name if has else None
-    _mts.set_active(model, adapter_name, trainable)
+                p.requires_grad_(trainable and n in names)
+        h.set_active(n for n in names if n in h.adapters)
+    _mts.set_active(model, names, trainable)
 
 
 @contextlib.contextmanager
@@ -472,21 +481,21 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model inside a ``with`` block (e.g. reference outputs); adapters and their trainability return after."""
     hooks = [h for _, h in adapted_layers(model)]
     for h in hooks:
-        if h.merged is not None:
-            raise TuckerPeftError(f"{h.layer_name!r} has adapter {h.merged!r} merged; unmerge it first")
+        if h.merged:
+            raise TuckerPeftError(f"{h.layer_name!r} has adapters {list(h.merged)} merged; unmerge it first")
         if any(d.has_init for d in h.adapters.values()):
             raise TuckerPeftError(f"{h.layer_name!r}: its 'hosvd' adapter holds part of the base weight and "
                                   "cannot be switched off")
-    saved = [h.active_adapter for h in hooks]
+    saved = [h.active_adapters for h in hooks]
     copies = _mts.switch_off(model)
     try:
         for h in hooks:
-            h.active_adapter = None
+            h.set_active(())
         yield model
     finally:
         _mts.switch_back(copies)
         for h, a in zip(hooks, saved):
-            h.active_adapter = a
+            h.set_active(a)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -495,7 +504,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     if not any(adapter_name in h.adapters for _, h in hooks):
         raise TuckerPeftError(f"adapter_name: expected one of {adapter_names(model)}, got {adapter_name!r}")
     for path, h in hooks:
-        if h.merged == adapter_name:
+        if adapter_name in h.merged:
             raise TuckerPeftError(f"{path!r} has {adapter_name!r} merged; unmerge it before deleting")
     for path, h in hooks:
         if adapter_name not in h.adapters:
@@ -503,9 +512,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         d = h.adapters[adapter_name]
         if d.has_init:
             _add_(_weight_of(model, path, h), d.init_delta(), 1.0)
+        h.set_active(n for n in h.active_adapters if n != adapter_name)
         del h.adapters[adapter_name]
-        if h.active_adapter == adapter_name:
-            h.active_adapter = None
         if not len(h.adapters):
             _remove_hook(model, path, h)
     _mts.delete(model, adapter_name)
@@ -529,21 +537,15 @@ def _remove_hook(model: nn.Module, path: str, hook: Any) -> None:
 
 
 def merge(model: nn.Module) -> None:
-    """Add the active adapter's ``s·ΔW`` into each base weight (fp32 accumulation for fp16/bf16)."""
+    """Add the active adapters' ``s·ΔW`` into each base weight (fp32 accumulation for fp16/bf16)."""
     for path, h in adapted_layers(model):
-        if h.merged is not None or h.active_adapter is None:
-            continue
-        _add_(_weight_of(model, path, h), h.adapters[h.active_adapter].delta_weight(), 1.0)
-        h.merged = h.active_adapter
+        h.merge(_weight_of(model, path, h))
 
 
 def unmerge(model: nn.Module) -> None:
     """Undo :func:`merge`: base weights back to fp32 rounding."""
     for path, h in adapted_layers(model):
-        if h.merged is None:
-            continue
-        _add_(_weight_of(model, path, h), h.adapters[h.merged].delta_weight(), -1.0)
-        h.merged = None
+        h.unmerge(_weight_of(model, path, h))
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
@@ -617,7 +619,7 @@ def summary(model: nn.Module) -> Summary:
         typ = type(h.base_layer).__name__ if isinstance(h, AdaptedLayer) else "Parameter"
         for n, d in h.adapters.items():
             p = d.spec.num_params
-            rows.append(dict(layer=layer, type=typ, shape=tuple(d.spec.shape), adapter=n, active=n == h.active_adapter,
+            rows.append(dict(layer=layer, type=typ, shape=tuple(d.spec.shape), adapter=n, active=n in h.active_adapters,
                              kind=d.spec.kind, ranks=_ranks_text(d.spec), params=p,
                              percent=100.0 * p / math.prod(d.spec.shape), clipped=_clipped(d, layer)))
     rows += _mts.summary_rows(model)

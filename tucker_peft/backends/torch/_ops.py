@@ -17,6 +17,7 @@ for a full weight gradient.
 from __future__ import annotations
 
 import math
+import string
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,14 @@ def contract(eq: str, *ops: torch.Tensor) -> torch.Tensor:
     return _planned(eq, *ops)
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_SPATIAL = "pqr"
+
+
+def symbols(n: int, avoid: str = "") -> str:
+    """``n`` distinct einsum letters not in ``avoid`` (``torch.einsum`` takes a-z, A-Z: any N-D weight fits)."""
+    free = [c for c in string.ascii_lowercase + string.ascii_uppercase if c not in avoid]
+    if n > len(free):
+        raise ValueError(f"an einsum over {n} modes: expected at most {len(free)}")
+    return "".join(free[:n])
 
 
 @dataclass(frozen=True)
@@ -119,16 +127,41 @@ class Geometry:
     # -- ΔW -------------------------------------------------------------------
     def reconstruct(self, p_out: Any, s: torch.Tensor, p_in: Any, mg: int) -> torch.Tensor:
         """Dense ``P_out ×_0 S ×_1 P_in`` of shape ``(out, in/groups, *kernel)``."""
-        k = _SPATIAL[: s.ndim - 2]
-        if mg > 1:  # diagonal S: (m, 1, *kernel)
-            return contract(f"oa,a{k},ca->oc{k}", p_out, s.reshape(s.shape[0], *s.shape[2:]), p_in)
-        if p_out is not None and p_in is not None:
-            return contract(f"oa,ab{k},cb->oc{k}", p_out, s, p_in)
-        if p_out is not None:
-            return contract(f"oa,ac{k}->oc{k}", p_out, s)
-        if p_in is not None:
-            return contract(f"ob{k},cb->oc{k}", s, p_in)
-        return s
+        eq, ops = _recon_terms(p_out, s, p_in, mg)
+        return s if eq is None else contract(eq, *ops)
+
+
+def _recon_terms(p_out: Any, s: torch.Tensor, p_in: Any, mg: int) -> tuple[str | None, list[torch.Tensor]]:
+    """The einsum of :meth:`Geometry.reconstruct` and its operands (None: ΔW is S itself)."""
+    k = symbols(s.ndim - 2, "oabc")
+    if mg > 1:  # diagonal S: (m, 1, *kernel)
+        return f"oa,a{k},ca->oc{k}", [p_out, s.reshape(s.shape[0], *s.shape[2:]), p_in]
+    if p_out is not None and p_in is not None:
+        return f"oa,ab{k},cb->oc{k}", [p_out, s, p_in]
+    if p_out is not None:
+        return f"oa,ac{k}->oc{k}", [p_out, s]
+    if p_in is not None:
+        return f"ob{k},cb->oc{k}", [s, p_in]
+    return None, [s]
+
+
+def reconstruct_vjp(dw: torch.Tensor, p_out: Any, s: torch.Tensor, p_in: Any, mg: int) -> tuple[Any, torch.Tensor, Any]:
+    """``(∂P_out, ∂S, ∂P_in)`` from ``∂L/∂ΔW``: each the einsum of the others with ``dw`` (no autograd)."""
+    eq, ops = _recon_terms(p_out, s, p_in, mg)
+    if eq is None:
+        return None, dw.to(s.dtype), None
+    ins, out = eq.split("->")
+    terms = ins.split(",")
+    grads = []
+    for i, t in enumerate(terms):
+        rest = [j for j in range(len(terms)) if j != i]
+        g = contract(",".join([out] + [terms[j] for j in rest]) + "->" + t, dw.to(ops[i].dtype), *[ops[j] for j in rest])
+        grads.append(g)
+    it = iter(grads)
+    dp_out = next(it) if p_out is not None else None
+    ds = next(it).reshape(s.shape)
+    dp_in = next(it) if p_in is not None else None
+    return dp_out, ds, dp_in
 
 
 class FusedDelta(torch.autograd.Function):
@@ -163,12 +196,7 @@ class FusedDelta(torch.autograd.Function):
         if (need[3] or need[4] or need[5]) and not ctx.staged:
             # Thin layers (few input channels): one full weight gradient is cheaper than the stages.
             dw = dweight if dweight is not None else geom.wgrad(dy, x, tuple(weight.shape), geom.groups)
-            with torch.enable_grad():
-                leaves = [None if t is None else t.detach().requires_grad_(True) for t in (p_out, s, p_in)]
-                rec = geom.reconstruct(*leaves, mg)
-                got = torch.autograd.grad(rec, [t for t in leaves if t is not None], dw.to(rec.dtype))
-            it = iter(got)
-            dp_out, ds, dp_in = (None if t is None else next(it) for t in leaves)
+            dp_out, ds, dp_in = reconstruct_vjp(dw, p_out, s, p_in, mg)
         elif need[3] or need[4] or need[5]:
             dt = x.dtype
             po, sd, pi = _to(p_out, dt), s.to(dt), _to(p_in, dt)
