@@ -19,7 +19,7 @@ __all__ = ["AdapterConfig"]
 FORWARDS = ("auto", "rebuild", "factorized")
 SCALE_RULES = ("fixed", "matched")
 INITS = ("zero", "hosvd")
-_LORA_REF = re.compile(r"^lora:(\d+)$")
+_LORA_REF = re.compile(r"^lora:(\d+(?:\.\d*)?|\.\d+)$")  # R may be fractional: lora:0.25
 
 
 def _is_int(v: Any) -> bool:
@@ -40,9 +40,10 @@ def _check_ranks(value: Any, what: str) -> Any:
 def _check_budget(value: Any, what: str) -> Any:
     if _is_int(value) and value >= 1:
         return value
-    if isinstance(value, str) and _LORA_REF.match(value) and int(value[5:]) >= 1:
+    if isinstance(value, str) and _LORA_REF.match(value) and float(value[5:]) > 0:
         return value
-    raise TuckerPeftError(f"{what}: expected a positive int (parameters per layer) or 'lora:R', got {value!r}")
+    raise TuckerPeftError(f"{what}: expected a positive int (parameters per layer) or 'lora:R' with R > 0, "
+                          f"got {value!r}")
 
 
 def _check_targets(value: Any, what: str) -> Any:
@@ -105,7 +106,9 @@ class AdapterConfig:
         is an error. Default 8 unless ``budget`` is given.
     budget : int or str, optional
         Instead of ``ranks``: parameters per layer, or ``'lora:R'`` for the
-        count of LoRA rank R on that layer (equal-budget comparisons).
+        count of LoRA rank R on that layer (equal-budget comparisons). A
+        fractional R (``'lora:0.25'``) means ``R·(out + in)`` parameters, below
+        LoRA's smallest adapter; R is clipped at the layer's full LoRA rank.
     alpha : float
         The scale s: layers compute with ``W + s·ΔW``.
     target_modules : list of str or str, optional
@@ -266,9 +269,11 @@ def matched_factor(spec: Parametrization) -> float:
 
 def _spec_for_budget(kind: str, shape: tuple[int, ...], budget: Any, options: Mapping[str, Any]) -> Parametrization:
     if isinstance(budget, str):
-        r = int(budget[5:])
-        ref = LoRA(shape, min(r, shape[0], math.prod(shape[1:])))
-        return _ranks.match(ref, kind, **options)
+        r, n, k = float(budget[5:]), shape[0], math.prod(shape[1:])
+        if r.is_integer() or r >= min(n, k):
+            ref = LoRA(shape, min(int(r), n, k))
+            return _ranks.match(ref, kind, **options)
+        return _ranks.for_budget(kind, shape, max(1, math.floor(r * (n + k))), **options)
     return _ranks.for_budget(kind, shape, budget, **options)
 
 
