@@ -302,8 +302,13 @@ def _adapted(task: Any, kind: str, budget: Any, seed: int, cfg: Mapping[str, Any
     return model
 
 
-def _train_one(task: Any, kind: str, budget: Any, lr: float, seed: int, cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Train one (kind, budget, lr, seed); its row (val metric, params, timings, status) and trained state."""
+def _train_one(task: Any, kind: str, budget: Any, lr: float, seed: int, cfg: Mapping[str, Any],
+               untrained: float | None = None) -> dict[str, Any]:
+    """Train one (kind, budget, lr, seed); its row (val metric, params, timings, status) and trained state.
+
+    ``status`` is ``'stalled'`` when the val metric is no better than ``untrained`` (the model at this seed
+    before training: ΔW = 0).
+    """
     import torch
 
     from ..backends.torch import summary
@@ -350,7 +355,8 @@ def _train_one(task: Any, kind: str, budget: Any, lr: float, seed: int, cfg: Map
                                                                                  task.metric)
     if status == "ok" and not math.isfinite(val):
         status = "nan"
-    elif status == "ok" and len(losses) > 1 and min(losses[1:]) >= losses[0]:
+    elif status == "ok" and untrained is not None and math.isfinite(untrained) \
+            and not stats.better(val, untrained, task.higher_is_better):
         status = "stalled"
     state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     tail = losses[-max(1, len(losses) // 10):]
@@ -364,6 +370,17 @@ def _train_one(task: Any, kind: str, budget: Any, lr: float, seed: int, cfg: Map
         "saved_mb": saved / 2**20, "state_mb": 4 * 4 * n_trainable / 2**20, "error": "",
     }
     return {"row": row, "state": state}
+
+
+def _untrained_val(task: Any, seed: int) -> float | None:
+    """The val metric of ``build_model(seed)`` without adapters; None if that fails (the run reports it)."""
+    import torch
+
+    try:
+        torch.manual_seed(seed)
+        return metric_value(task.evaluate(build_model(task, seed), "val"), task.metric)[0]
+    except Exception:
+        return None
 
 
 def _failed_row(kind: str, budget: Any, lr: float, seed: int, exc: BaseException) -> dict[str, Any]:
@@ -609,6 +626,7 @@ def _run(task: Any, cfg: dict[str, Any], grids: dict[str, list[float]], note: Ca
     rows: list[dict[str, Any]] = []
     states: dict[tuple[str, str, float, int], Any] = {}
     failures: list[str] = []
+    untrained: dict[int, float | None] = {}
 
     def fail(row: Mapping[str, Any], what: str) -> None:
         failures.append(f"run {row['kind']} budget {row['budget']} lr {row['lr']:g} seed {row['seed']}: {what}")
@@ -620,7 +638,9 @@ def _run(task: Any, cfg: dict[str, Any], grids: dict[str, list[float]], note: Ca
                 bar.set_postfix_str(f"{b} {k} lr={lr:g} seed={s}", refresh=True)
             l0 = _load()
             try:
-                res = _train_one(task, k, b, lr, s, cfg)
+                if s not in untrained:  # the model before training (ΔW = 0 for every kind): "never improved" is
+                    untrained[s] = _untrained_val(task, s)  # judged against it
+                res = _train_one(task, k, b, lr, s, cfg, untrained[s])
                 row, states[(str(b), k, lr, s)] = res["row"], res["state"]
             except Exception as exc:  # a broken task fails its run, not the comparison
                 row = _failed_row(k, b, lr, s, exc)
@@ -633,7 +653,8 @@ def _run(task: Any, cfg: dict[str, Any], grids: dict[str, list[float]], note: Ca
             elif row["status"] == "nan":
                 fail(row, f"evaluate(model, 'val') returned {row['val']} for {task.metric}")
             elif row["status"] == "stalled":
-                fail(row, "never improved (no training loss below the first step's); kept as trained")
+                fail(row, f"never improved (val {task.metric} {row['val']:.4g}, before training "
+                          f"{untrained.get(s, math.nan):.4g}); kept in the results")
             if bar is not None:
                 bar.update(1)
         # step time over LoRA's, in the same interleaving round
