@@ -36,7 +36,7 @@ from .._errors import RankError, TuckerPeftError
 from . import stats
 from .task import build_model, check_task, metric_value, task_name
 
-__all__ = ["run", "Results", "KINDS", "parse_budget", "machine_cores", "free_cores", "resolve_threads",
+__all__ = ["run", "resolve_config", "Results", "KINDS", "parse_budget", "machine_cores", "free_cores", "resolve_threads",
            "RUNS_FIELDS", "SUMMARY_FIELDS"]
 
 #: The kinds compared by default.
@@ -458,6 +458,53 @@ def _grids(task: Any, kinds: Sequence[str], lrs: Any) -> dict[str, list[float]]:
     return out
 
 
+def resolve_config(task: Any, *, kinds: Sequence[str] | None = None, budgets: Sequence[Any] | None = None,
+                   seeds: Sequence[int] | int | None = None, lrs: Any = None, steps: int | None = None,
+                   batch_size: int | None = None, alpha: float | None = None, scale_rule: str | None = None,
+                   threads: int | None = None, detect: float = 0.01,
+                   extra_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The full configuration :func:`run` would use (``results.json``'s ``config``), validated; nothing is trained.
+
+    Options left None take the task's defaults (and ``scale_rule`` the
+    library's); a given ``batch_size`` is set on the task.
+    """
+    from .. import kinds as registered
+    from ..backends.torch import AdapterConfig
+
+    check_task(task)
+    name = task_name(task)
+    kinds = list(dict.fromkeys(k.lower() for k in (KINDS if kinds is None else kinds)))
+    bad = [k for k in kinds if k not in registered()]
+    if not kinds or bad:
+        raise TuckerPeftError(f"kinds: expected registered kinds ({', '.join(registered())}), got {kinds!r}")
+    budget_list = [parse_budget(b) for b in (task.budgets if budgets is None else budgets)]
+    budget_list = list(dict.fromkeys(budget_list))
+    if not budget_list:
+        raise TuckerPeftError("budgets: expected at least one budget, got none")
+    seeds = task.seeds if seeds is None else seeds
+    seed_list = list(range(seeds)) if isinstance(seeds, int) and not isinstance(seeds, bool) else list(seeds)
+    if not seed_list or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seed_list):
+        raise TuckerPeftError(f"seeds: expected a count >= 1 or non-negative ints, got {seeds!r}")
+    seed_list = list(dict.fromkeys(seed_list))
+    grids = _grids(task, kinds, lrs)
+    steps = int(task.steps if steps is None else steps)
+    if steps < 1:
+        raise TuckerPeftError(f"steps: expected an int >= 1, got {steps!r}")
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise TuckerPeftError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+        task.batch_size = batch_size
+    alpha = float(task.alpha if alpha is None else alpha)
+    if scale_rule is None:
+        scale_rule = next(f.default for f in dataclasses.fields(AdapterConfig) if f.name == "scale_rule")
+    nthreads = resolve_threads(threads)
+    cfg: dict[str, Any] = {"task": name, "steps": steps, "batch_size": int(task.batch_size), "seeds": seed_list,
+                           "budgets": budget_list, "alpha": alpha, "scale_rule": scale_rule,
+                           "data": dict(task.settings()), "lrs": grids, "kinds": kinds, "threads": nthreads,
+                           "detect": detect, **dict(extra_config or {})}
+    return cfg
+
+
 def run(task: Any, *, kinds: Sequence[str] | None = None, budgets: Sequence[Any] | None = None,
         seeds: Sequence[int] | int | None = None, lrs: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
         steps: int | None = None, batch_size: int | None = None, alpha: float | None = None,
@@ -518,40 +565,9 @@ def run(task: Any, *, kinds: Sequence[str] | None = None, budgets: Sequence[Any]
     """
     import torch
 
-    from .. import kinds as registered
-    from ..backends.torch import AdapterConfig
-
-    check_task(task)
-    name = task_name(task)
-    kinds = list(dict.fromkeys(k.lower() for k in (KINDS if kinds is None else kinds)))
-    bad = [k for k in kinds if k not in registered()]
-    if not kinds or bad:
-        raise TuckerPeftError(f"kinds: expected registered kinds ({', '.join(registered())}), got {kinds!r}")
-    budget_list = [parse_budget(b) for b in (task.budgets if budgets is None else budgets)]
-    budget_list = list(dict.fromkeys(budget_list))
-    if not budget_list:
-        raise TuckerPeftError("budgets: expected at least one budget, got none")
-    seeds = task.seeds if seeds is None else seeds
-    seed_list = list(range(seeds)) if isinstance(seeds, int) and not isinstance(seeds, bool) else list(seeds)
-    if not seed_list or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seed_list):
-        raise TuckerPeftError(f"seeds: expected a count >= 1 or non-negative ints, got {seeds!r}")
-    seed_list = list(dict.fromkeys(seed_list))
-    grids = _grids(task, kinds, lrs)
-    steps = int(task.steps if steps is None else steps)
-    if steps < 1:
-        raise TuckerPeftError(f"steps: expected an int >= 1, got {steps!r}")
-    if batch_size is not None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise TuckerPeftError(f"batch_size: expected an int >= 1, got {batch_size!r}")
-        task.batch_size = batch_size
-    alpha = float(task.alpha if alpha is None else alpha)
-    if scale_rule is None:
-        scale_rule = next(f.default for f in dataclasses.fields(AdapterConfig) if f.name == "scale_rule")
-    nthreads = resolve_threads(threads)
-    cfg: dict[str, Any] = {"task": name, "steps": steps, "batch_size": int(task.batch_size), "seeds": seed_list,
-                           "budgets": budget_list, "alpha": alpha, "scale_rule": scale_rule,
-                           "data": dict(task.settings()), "lrs": grids, "kinds": kinds, "threads": nthreads,
-                           "detect": detect, **dict(extra_config or {})}
+    cfg = resolve_config(task, kinds=kinds, budgets=budgets, seeds=seeds, lrs=lrs, steps=steps, batch_size=batch_size,
+                         alpha=alpha, scale_rule=scale_rule, threads=threads, detect=detect, extra_config=extra_config)
+    grids = cfg["lrs"]
     say = report or (lambda msg: print(msg, file=sys.stderr, flush=True))
 
     def note(msg: str) -> None:
@@ -561,7 +577,7 @@ def run(task: Any, *, kinds: Sequence[str] | None = None, budgets: Sequence[Any]
     t_start = time.perf_counter()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     threads_before = torch.get_num_threads()
-    torch.set_num_threads(nthreads)
+    torch.set_num_threads(cfg["threads"])
     # Denormal floats in small adapter updates slow x86 CPUs down 10-100x. The setting is global
     # processor state: it is restored on the way out so that callers (and tests) keep IEEE subnormals.
     was_flushing = (torch.tensor(5e-324, dtype=torch.float64) * 1.0).item() == 0.0
