@@ -357,3 +357,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"wall {t['wall_s']:.0f} s (prepare {t['prepare_s']:.0f} s), cpu {t['cpu_s']:.0f} s, peak RSS "
           f"{t['peak_rss_mb']:.0f} MB{load}; wrote {args.out}/" + ", ".join(written))
     return 0
+
+
+def effective_config(argv: list[str]) -> dict[str, Any]:
+    """The configuration ``tucker-peft compare ARGV`` would run (``results.json``'s ``config``), without running it."""
+    from . import ArgumentParser
+    from ..compare.runner import resolve_config
+
+    p = ArgumentParser(prog="tucker-peft compare", allow_abbrev=False)
+    configure(p)
+    task, kw = build_config(p.parse_args(argv))
+    return resolve_config(task, **kw)
