@@ -1,6 +1,6 @@
 """``tucker-peft compare``: adapter kinds fine-tuned on a real task at equal budgets.
 
-A thin front end over :func:`tucker_peft.compare.run`: for every budget, kind,
+A thin front end over tucker_peft.compare.run: for every budget, kind,
 learning rate and seed, inject that kind's adapters at the budget
 (``AdapterConfig(kind, budget='lora:R')``: per layer, the largest spec of the
 kind within LoRA rank R's parameter count; R may be fractional, or the budget
