@@ -8,6 +8,7 @@ defaults such as ``scale_rule``) and lists the differences. A stale table
 must say so: its section in docs/compare.md carries a ``**Stale**`` line.
 
     python docs/check_compare_tables.py       # exit 1 if a stale table is not marked (or a current one is)
+    python docs/check_compare_tables.py --record 'COMMAND' assets/X_results.json   # after rerunning a table
 
 ``tests/test_compare_docs.py`` runs the same check.
 """
@@ -68,7 +69,24 @@ def check(manifest: Path = MANIFEST, page: Path = PAGE) -> list[dict[str, Any]]:
     return out
 
 
+def record(command: str, results: str, manifest: Path = MANIFEST) -> None:
+    """Store the configuration of ``results`` (a results.json, relative to docs/) for the table of ``command``."""
+    doc = json.loads(manifest.read_text(encoding="utf-8"))
+    entry = next((t for t in doc["tables"] if t["command"] == command), None)
+    if entry is None:
+        raise SystemExit(f"no table with the command {command!r} in {manifest}")
+    cfg = json.loads((DOCS / results).read_text(encoding="utf-8"))["config"]
+    entry["config"] = {k: cfg.get(k) for k in KEYS}
+    entry["results"] = Path(results).name
+    tmp = manifest.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(manifest)
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--record"] and len(sys.argv) == 4:
+        record(sys.argv[2], sys.argv[3])
+        return 0
     bad = 0
     for r in check():
         state = "STALE" if r["diffs"] else "current"
