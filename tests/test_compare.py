@@ -94,6 +94,7 @@ def test_user_task_through_the_api_with_a_budget_below_lora_rank_1(tmp_path):
     # the files hold the same as the object
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["summary"] == json.loads(json.dumps(res.summary))
+    assert Results.from_json(str(tmp_path / "results.json")).table() == text
     for name in ("results.csv", "runs.csv", "results.md", "results.png", "budget_curve.png", "lr_sensitivity.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     with open(tmp_path / "runs.csv", newline="", encoding="utf-8") as f:
