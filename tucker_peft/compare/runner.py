@@ -425,6 +425,10 @@ def _environment(threads: int) -> dict[str, Any]:
             "cpus": os.cpu_count(), "cores_available": machine_cores(), "torch_threads": threads, "versions": versions}
 
 
+def _print_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def _progress_bar(total: int, quiet: bool) -> Any:
     if quiet:
         return None
@@ -568,7 +572,7 @@ def run(task: Any, *, kinds: Sequence[str] | None = None, budgets: Sequence[Any]
     cfg = resolve_config(task, kinds=kinds, budgets=budgets, seeds=seeds, lrs=lrs, steps=steps, batch_size=batch_size,
                          alpha=alpha, scale_rule=scale_rule, threads=threads, detect=detect, extra_config=extra_config)
     grids = cfg["lrs"]
-    say = report or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    say = report or _print_stderr
 
     def note(msg: str) -> None:
         if not quiet:
@@ -646,7 +650,10 @@ def _run(task: Any, cfg: dict[str, Any], grids: dict[str, list[float]], note: Ca
 
     def fail(row: Mapping[str, Any], what: str) -> None:
         failures.append(f"run {row['kind']} budget {row['budget']} lr {row['lr']:g} seed {row['seed']}: {what}")
-        (bar.write if bar is not None else say)(failures[-1])
+        if say is _print_stderr and bar is not None and not bar.disable:
+            bar.write(failures[-1], file=sys.stderr)  # above the progress bar
+        else:
+            say(failures[-1])
 
     try:
         for rnd, b, k, lr, s in plan:
@@ -669,8 +676,8 @@ def _run(task: Any, cfg: dict[str, Any], grids: dict[str, list[float]], note: Ca
             elif row["status"] == "nan":
                 fail(row, f"evaluate(model, 'val') returned {row['val']} for {task.metric}")
             elif row["status"] == "stalled":
-                fail(row, f"never improved (val {task.metric} {row['val']:.4g}, before training "
-                          f"{untrained.get(s, math.nan):.4g}); kept in the results")
+                fail(row, f"never improved: val {task.metric} {row['val']:.4g}, no better than before training "
+                          f"({untrained.get(s, math.nan):.4g}); kept in the results")
             if bar is not None:
                 bar.update(1)
         # step time over LoRA's, in the same interleaving round
