@@ -48,7 +48,7 @@ RUNS_FIELDS = ["budget", "kind", "lr", "seed", "round", "status", "val", "val_lo
 SUMMARY_FIELDS = ["budget", "kind", "adapter_params", "head_params", "best_lr", "seeds", "val_mean", "val_std",
                   "test_mean", "test_std", "vs_lora_mean", "vs_lora_std", "vs_lora_ci_low", "vs_lora_ci_high",
                   "vs_lora_ci_method", "vs_lora_ci_contains_0", "seeds_to_detect", "detect_delta", "step_ms_median",
-                  "step_ratio_lora", "saved_mb", "state_mb", "runs", "diverged", "failed", "ranks", "layer_params",
+                  "step_ratio_lora", "saved_mb", "state_mb", "runs", "diverged", "failed", "stalled", "ranks", "layer_params",
                   "test_per_seed", "lr_curve"]
 
 _LORA_BUDGET = re.compile(r"lora:(\d+(?:\.\d*)?|\.\d+)")
@@ -129,7 +129,7 @@ def _cells(s: Mapping[str, Any]) -> dict[str, str]:
         "ci": _ci(s),
         "need": "–" if n is None else (f"{n}" if n < 100_000 else "> 100,000"),
         "ratio": "–" if s.get("step_ratio_lora") is None else f"{s['step_ratio_lora']:.2f}",
-        "failed": f"{s['failed']}/{s['runs']}",
+        "failed": f"{s['failed'] + s.get('stalled', 0)}/{s['runs']}",  # raised, diverged, NaN or never improved
     }
 
 

@@ -211,6 +211,7 @@ def summarise(rows: list[dict[str, Any]], chosen: dict[tuple[str, str], float], 
             "state_mb": fine[0]["state_mb"] if fine else None,
             "runs": len(every), "diverged": sum(r["status"] == "diverged" for r in every),
             "failed": sum(r["status"] not in OK_STATUSES for r in every),
+            "stalled": sum(r["status"] == "stalled" for r in every),
             "lr_curve": curve,
         })
     return out
