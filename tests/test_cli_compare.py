@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from tucker_peft import cli
-from tucker_peft.cli import _compare
+from tucker_peft.compare import BUILTIN_TASKS, DEFAULT_TASK
 
 KINDS = ("tucker", "tucker2", "cp", "lora")
 
@@ -97,9 +97,11 @@ def test_compare_bad_argument_exits_2_with_one_line(main, argv, tmp_path, capsys
 
 
 def test_defaults_are_fair():
-    """Every kind gets a learning-rate grid of the same size and span in every task's settings."""
-    for task, s in _compare.TASK_SETTINGS.items():
-        grids = [sorted(s["lrs"][k]) for k in KINDS]
-        assert len({len(g) for g in grids}) == 1, task
-        assert len({round(g[-1] / g[0], 6) for g in grids}) == 1, task
-    assert _compare.DEFAULT_TASK in _compare.TASK_SETTINGS
+    """Every kind gets a learning-rate grid of the same size and span in every built-in task's settings."""
+    from tucker_peft.compare.runner import _grids
+
+    for name, cls in BUILTIN_TASKS.items():
+        grids = list(_grids(cls, KINDS, None).values())
+        assert len({len(g) for g in grids}) == 1, name
+        assert len({round(g[-1] / g[0], 6) for g in grids}) == 1, name
+    assert DEFAULT_TASK in BUILTIN_TASKS

@@ -41,7 +41,7 @@ if ROOT not in sys.path:
 import numpy as np  # noqa: E402
 
 import tucker_peft as tp  # noqa: E402
-from tucker_peft.cli._tasks import edit_distance as _edit_distance  # noqa: E402
+from tucker_peft.compare.tasks import edit_distance as _edit_distance  # noqa: E402
 from tucker_peft.fitting import budget_sweep  # noqa: E402
 
 def _kernel_rank(r: int) -> Callable[[tuple[int, ...]], dict[str, Any]]:

@@ -19,7 +19,7 @@ __all__ = ["AdapterConfig", "LayerTooSmall"]
 FORWARDS = ("auto", "rebuild", "factorized")
 SCALE_RULES = ("fixed", "matched")
 INITS = ("zero", "hosvd")
-_LORA_REF = re.compile(r"^lora:(\d+)$")
+_LORA_REF = re.compile(r"^lora:(\d+(?:\.\d*)?|\.\d+)$")  # R may be fractional: lora:0.25
 ALL_LINEAR = "all-linear"
 
 Ranks = Union[int, tuple[Union[int, None], ...]]
@@ -47,9 +47,10 @@ def _check_ranks(value: Any, what: str) -> Any:
 def _check_budget(value: Any, what: str) -> Any:
     if _is_int(value) and value >= 1:
         return value
-    if isinstance(value, str) and _LORA_REF.match(value) and int(value[5:]) >= 1:
+    if isinstance(value, str) and _LORA_REF.match(value) and float(value[5:]) > 0:
         return value
-    raise TuckerPeftError(f"{what}: expected a positive int (parameters per layer) or 'lora:R', got {value!r}")
+    raise TuckerPeftError(f"{what}: expected a positive int (parameters per layer) or 'lora:R' with R > 0, "
+                          f"got {value!r}")
 
 
 def _check_targets(value: Any, what: str) -> Any:
@@ -120,6 +121,8 @@ class AdapterConfig:
         of the kind that does not (``summary`` marks it ``clipped``). A layer
         where even the smallest spec is larger than the weight is skipped, with
         one warning per call listing such layers, or refused under ``strict``.
+        A fractional R (``'lora:0.25'``) means ``R·(out + in)`` parameters, below
+        LoRA's smallest adapter; R is clipped at the layer's full LoRA rank.
     alpha : float
         The scale s: layers compute with ``W + s·ΔW``.
     target_modules : list of str or str, optional
@@ -290,8 +293,11 @@ class AdapterConfig:
         """
         shape = tuple(int(s) for s in shape)
         if isinstance(self.budget, str):
-            r = int(self.budget[5:])
-            n = LoRA(shape, min(r, shape[0], math.prod(shape[1:]))).num_params
+            r, out, k = float(self.budget[5:]), shape[0], math.prod(shape[1:])
+            if r.is_integer() or r >= min(out, k):
+                n = LoRA(shape, min(int(r), out, k)).num_params
+            else:  # below one LoRA rank per layer: lora:0.25 is a quarter of rank 1's count
+                n = max(1, math.floor(r * (out + k)))
         else:
             n = int(self.budget)  # type: ignore[arg-type]
         numel = math.prod(shape)

@@ -1,6 +1,8 @@
-"""Fine-tuning tasks for ``tucker-peft compare``: a real pretrained model, a real (offline) dataset, a metric.
+"""The built-in tasks of ``tucker-peft compare``: a real pretrained model, a real (offline) dataset, a metric.
 
-Each task prepares once, before any adapter is trained:
+Each is a :class:`tucker_peft.compare.Task` (:class:`CRNNTask`,
+:class:`MiniLMTask`, :class:`TinyTask`; by name in :data:`BUILTIN_TASKS`) and
+prepares once, before any adapter is trained:
 
 * the data, split into **train / val / test** with a fixed data seed (the
   training seeds never change the split);
@@ -47,9 +49,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .._errors import TuckerPeftError
-from ._models import minilm_tokenizer, resolve_model
+from ..cli._models import minilm_tokenizer, resolve_model
+from .task import Task
 
-__all__ = ["TASKS", "TaskInfo", "Prepared", "prepare", "DATA_SEED"]
+__all__ = ["BUILTIN_TASKS", "DEFAULT_TASK", "CRNNTask", "MiniLMTask", "TinyTask", "builtin_task", "TASKS", "TaskInfo",
+           "Prepared", "prepare", "DATA_SEED", "edit_distance"]
 
 #: Seed of the data split and of the rendered/synthetic samples (fixed: training seeds vary only training).
 DATA_SEED = 20240
@@ -481,3 +485,125 @@ def _prepare_tiny(s: dict[str, Any], progress: Callable[[str], None]) -> Prepare
                     "adapted": {n: list(model.get_submodule(n).weight.shape) for n in convs},
                     "teacher": "each kernel + 0.5·‖W‖·(random Tucker (4, 3, 2, 2) change, unit norm)"}
     return prep
+
+
+# ====================================================================================
+# the built-in tasks as Task objects
+# ====================================================================================
+
+class _Builtin(Task):
+    """A built-in task: its ``_prepare_*`` function, run once by :meth:`prepare`, provides the model and data.
+
+    ``full``: what ``tucker-peft compare --full`` changes (``data`` goes to the
+    constructor). ``progress`` receives one-line notes while preparing.
+    """
+
+    full: dict[str, Any] = {}
+
+    def __init__(self, progress: Callable[[str], None] | None = None, **settings: Any) -> None:
+        self._settings = settings
+        self._progress = progress or (lambda msg: None)
+        self._p: Prepared | None = None
+        info = TASKS[self.name]
+        self.metric, self.higher_is_better, self.description = info.metric, info.higher_is_better, info.description
+
+    def settings(self) -> dict[str, Any]:
+        return dict(self._settings)
+
+    def prepare(self) -> None:
+        if self._p is None:
+            self._p = prepare(self.name, self._settings, self._progress)
+            self.target_modules, self.trainable = self._p.targets, self._p.head
+
+    @property
+    def prepared(self) -> Prepared:
+        if self._p is None:
+            raise TuckerPeftError(f"task {self.name}: call prepare() first")
+        return self._p
+
+    @property
+    def train_size(self) -> int:  # type: ignore[override]
+        return self.prepared.n_train
+
+    def build_model(self, seed: int) -> Any:
+        return self.prepared.fresh(seed)
+
+    def batch(self, idx: Any) -> Any:
+        return self.prepared.batch(idx)
+
+    def loss(self, model: Any, batch: Any) -> Any:
+        return self.prepared.loss(model, batch)
+
+    def evaluate(self, model: Any, split: str) -> dict[str, float]:
+        return self.prepared.evaluate(model, split)
+
+    def baselines(self) -> dict[str, dict[str, float]]:
+        return dict(self.prepared.baselines)
+
+    def details(self) -> dict[str, Any]:
+        return dict(self.prepared.details, description=self.description)
+
+
+class CRNNTask(_Builtin):
+    """khmer-ocr-ocm CRNN on Khmer text lines under a domain shift; metric CER (see the module docstring)."""
+
+    name = "crnn"
+    target_modules = r"cnn\.(21|26)"
+    steps, batch_size, seeds, budgets, lrs = 60, 16, (0, 1), ("lora:8",), (3e-3, 1e-2, 3e-2)
+    full = {"steps": 200, "seeds": [0, 1, 2, 3, 4], "budgets": ["lora:2", "lora:8", "lora:32"],
+            "data": {"train": 2048, "val": 256, "test": 512, "adapt": [18, 21, 26]}}
+
+    def __init__(self, train: int = 512, val: int = 192, test: int = 256, width: int = 128, shift: str = "degraded",
+                 adapt: Sequence[int] = (21, 26), progress: Callable[[str], None] | None = None) -> None:
+        if shift not in SHIFTS:
+            raise TuckerPeftError(f"shift: expected one of {', '.join(SHIFTS)}, got {shift!r}")
+        adapt = sorted({int(i) for i in adapt})
+        if not adapt or any(i not in CRNN_CONVS for i in adapt):
+            raise TuckerPeftError(f"adapt: expected conv indices among {CRNN_CONVS}, got {adapt}")
+        super().__init__(progress, train=int(train), val=int(val), test=int(test), width=int(width), shift=shift,
+                         adapt=adapt)
+        self.target_modules = r"cnn\.(" + "|".join(str(i) for i in adapt) + r")"
+
+
+class MiniLMTask(_Builtin):
+    """all-MiniLM-L6-v2 + a linear head regressing VADER word valence; metric Pearson r (see the module docstring)."""
+
+    name = "minilm"
+    target_modules = MINILM_TARGETS
+    trainable = r"head\.(weight|bias)"
+    steps, batch_size, seeds, budgets, lrs = 100, 32, (0, 1, 2), ("lora:4",), (3e-3, 1e-2, 3e-2)
+    full = {"steps": 600, "seeds": [0, 1, 2, 3, 4], "budgets": ["lora:1", "lora:4", "lora:16"],
+            "data": {"adapt_layers": 6}}
+
+    def __init__(self, adapt_layers: int = 2, train: int | None = None,
+                 progress: Callable[[str], None] | None = None) -> None:
+        if not 1 <= int(adapt_layers) <= 6:
+            raise TuckerPeftError(f"adapt_layers: expected 1..6, got {adapt_layers!r}")
+        extra = {} if train is None else {"train": int(train)}
+        super().__init__(progress, adapt_layers=int(adapt_layers), **extra)
+
+
+class TinyTask(_Builtin):
+    """A random 3-conv net fitting a low-rank-shifted teacher on Gaussian inputs (tests); metric relative MSE."""
+
+    name = "tiny"
+    target_modules = r"(0|2|4)"
+    steps, batch_size, seeds, budgets, lrs = 20, 16, (0, 1), ("lora:2",), (3e-3, 3e-2)
+    full = {"steps": 200, "seeds": [0, 1, 2], "budgets": ["lora:1", "lora:2", "lora:4"]}
+
+    def __init__(self, train: int = 128, val: int = 64, test: int = 64,
+                 progress: Callable[[str], None] | None = None) -> None:
+        super().__init__(progress, train=int(train), val=int(val), test=int(test))
+
+
+#: Built-in task classes by name.
+BUILTIN_TASKS: dict[str, type[_Builtin]] = {"crnn": CRNNTask, "minilm": MiniLMTask, "tiny": TinyTask}
+#: The task ``tucker-peft compare`` runs with no arguments (about 2.5-3 minutes on 2 CPU cores).
+DEFAULT_TASK = "minilm"  # crnn fits too (~4 min) but separates no kind beyond seed noise
+
+
+def builtin_task(name: str, **settings: Any) -> _Builtin:
+    """The built-in task ``name`` (``'crnn'``, ``'minilm'``, ``'tiny'``) with its data ``settings``."""
+    if name not in BUILTIN_TASKS:
+        raise TuckerPeftError(f"task: expected one of {', '.join(BUILTIN_TASKS)}, got {name!r}")
+    return BUILTIN_TASKS[name](**settings)

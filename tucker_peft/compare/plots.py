@@ -1,0 +1,109 @@
+"""Figures of a comparison (matplotlib, Agg): test metric against parameters, the budget curve, lr sensitivity."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from .stats import pareto_front
+
+__all__ = ["plot", "save_figure"]
+
+_MARKERS = "osD^vP*Xh"
+
+
+def save_figure(plt: Any, fig: Any, path: str) -> str:
+    """Write ``fig`` to ``path`` through a temporary file and a rename; return ``path``."""
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return path
+
+
+def plot(summary: list[dict[str, Any]], baselines: dict[str, Any], metric: str, higher: bool, title: str,
+         out_dir: str) -> list[str]:
+    """Write ``results.png``, ``budget_curve.png`` and ``lr_sensitivity.png`` into ``out_dir``; [] without matplotlib.
+
+    ``results.png``: test metric (mean ± std over seeds) against adapter
+    parameters. ``budget_curve.png``: the same on a log x-axis over every
+    budget, one line per kind, the Pareto front (fewest parameters for the
+    best metric) circled and joined. ``lr_sensitivity.png``: validation metric
+    against learning rate, one panel per budget.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return []
+    summary = [s for s in summary if s.get("adapter_params")]
+    if not summary:
+        return []
+    kinds = list(dict.fromkeys(s["kind"] for s in summary))
+    budgets = list(dict.fromkeys(s["budget"] for s in summary))
+    markers = {k: _MARKERS[i % len(_MARKERS)] for i, k in enumerate(kinds)}
+    ylabel = f"test {metric} ({'higher' if higher else 'lower'} is better)"
+    written = []
+
+    def curves(ax: Any) -> None:
+        for k in kinds:
+            pts = sorted((s["adapter_params"], s["test_mean"], s["test_std"]) for s in summary if s["kind"] == k)
+            x, y, e = zip(*pts)
+            ax.errorbar(x, y, yerr=[v if math.isfinite(v) else 0.0 for v in e], marker=markers[k], capsize=3, label=k)
+        for i, (label, b) in enumerate(baselines.items()):
+            ax.axhline(b["test"], ls="--", lw=1, color=f"C{len(kinds) + i}", label=f"{label} ({b['test']:.3f})")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    curves(ax)
+    xs = [s["adapter_params"] for s in summary]
+    if max(xs) > 3 * min(xs):
+        ax.set_xscale("log")
+    ax.set_xlabel("trainable adapter parameters (all adapted layers; budgets " + ", ".join(budgets) + ")")
+    ax.legend(fontsize=8)
+    written.append(save_figure(plt, fig, os.path.join(out_dir, "results.png")))
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    curves(ax)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    front = sorted((summary[i]["adapter_params"], summary[i]["test_mean"])
+                   for i in pareto_front([(s["adapter_params"], s["test_mean"]) for s in summary], higher))
+    if front:
+        fx, fy = zip(*front)
+        ax.plot(fx, fy, ls=":", color="k", lw=1.2, zorder=1)
+        ax.scatter(fx, fy, s=160, facecolors="none", edgecolors="k", lw=1.2, zorder=5, label="Pareto front")
+    ax.set_xlabel("trainable adapter parameters, log scale (budgets " + ", ".join(budgets) + ")")
+    ax.legend(fontsize=8)
+    written.append(save_figure(plt, fig, os.path.join(out_dir, "budget_curve.png")))
+
+    fig, axes = plt.subplots(1, len(budgets), figsize=(4.6 * len(budgets), 3.6), squeeze=False)
+    for ax, b in zip(axes[0], budgets):
+        for k in kinds:
+            s = next((s for s in summary if s["kind"] == k and s["budget"] == b), None)
+            if s is None:
+                continue
+            x = [c["lr"] for c in s["lr_curve"]]
+            y = [c["val_mean"] for c in s["lr_curve"]]
+            e = [c["val_std"] if math.isfinite(c["val_std"]) else 0.0 for c in s["lr_curve"]]
+            ax.errorbar(x, y, yerr=e, marker=markers[k], capsize=3, label=k)
+        ax.set_xscale("log")
+        grid = sorted({c["lr"] for s in summary if s["budget"] == b for c in s["lr_curve"]})
+        ax.set_xticks(grid, [f"{v:g}" for v in grid])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel(f"val {metric}")
+        ax.set_title(f"budget {b}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    written.append(save_figure(plt, fig, os.path.join(out_dir, "lr_sensitivity.png")))
+    return written
