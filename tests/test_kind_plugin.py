@@ -340,3 +340,25 @@ def test_extract_with_a_plugin_kind(plugins, kind, tmp_path, capsys):
         p = {k: tensors[f"{n}::{k}"].astype(np.float64) for k in spec.param_shapes}
         dw = tuned[n].astype(np.float64) - base[n]
         np.testing.assert_allclose(_dense(spec, p, 1.0), dw, rtol=1e-4, atol=1e-4)
+
+
+def test_ranks_command_takes_plugin_kinds_by_name_and_module_class(plugins, tmp_path, capsys):
+    import json
+
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    from tucker_peft.cli import main
+
+    path = str(tmp_path / "m.safetensors")
+    safetensors_numpy.save_file({"a.weight": np.zeros((16, 12), np.float32)}, path)
+    ref = "tests.test_kind_plugin:GatedLoRA"
+    rc = main(["ranks", path, "--match", f"{ref}:3", "--kinds", f"gatedlora,lora,{ref}", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    (row,) = json.loads(out)["tensors"]
+    budget = GatedLoRA((16, 12), 3).num_params  # the match reference: KIND:R with KIND itself 'module:Class'
+    for k in ("gatedlora", ref):
+        assert row["specs"][k]["num_params"] == tp.ranks.for_budget("gatedlora", (16, 12), budget).num_params
+        assert row["specs"][k]["ranks"] == "3"
+    assert row["specs"]["lora"]["ranks"] == str(budget // 28)
+    rc = main(["ranks", path, "--budget", "100", "--kinds", "gatedlora,nope:Nothing"])
+    assert rc == 2 and "nope:Nothing" in capsys.readouterr().err
