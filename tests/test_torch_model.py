@@ -71,7 +71,6 @@ def _state(model):
     (dict(ranks=0), "ranks: expected a positive int"),
     (dict(ranks=4, budget=100), "give one of them"),
     (dict(budget="lora:x"), "budget: expected"),
-    (dict(kind="cp", ranks=(2, 2)), "takes one int rank"),
     (dict(alpha=float("nan")), "alpha: expected a finite"),
     (dict(init="svd"), "init: expected one of"),
     (dict(dropout=1.5), "dropout: expected a float"),
@@ -130,6 +129,9 @@ def test_bad_targets_and_ranks_leave_model_unchanged():
         inject(m, AdapterConfig(target_modules=["nonexistent"]))
     with pytest.raises(tp.RankError, match="layer 'conv1' with weight \\(8, 3, 3, 3\\)"):
         inject(m, AdapterConfig(kind="tucker", ranks=(4, 4, 9, 3), target_modules=["conv2", "conv1"]))
+    # a kind that takes one int rank says so (its own RankError), before the model changes
+    with pytest.raises(tp.RankError, match=r"layer 'conv1' with weight .*rank \(CP of shape .*expected an int.*got \(2, 2\)"):
+        inject(m, AdapterConfig(kind="cp", ranks=(2, 2), target_modules=["conv1"]))
     with pytest.raises(tp.TuckerPeftError, match="adapter_name: .*no dots.*got 'a.b'"):
         inject(m, AdapterConfig(target_modules=["dw"]), adapter_name="a.b")
     assert not list(adapted_layers(m))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -283,8 +284,17 @@ def _shapes(operands: Sequence[Any]) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(int(d) for d in op.shape) for op in operands)
 
 
+def _dynamo_tracing(x: Any) -> bool:
+    """Whether ``torch.compile`` is tracing (``x`` a torch tensor): the plan cache is not traceable there."""
+    torch = sys.modules.get("torch")  # never imported here
+    return torch is not None and torch.compiler.is_compiling() and isinstance(x, torch.Tensor)
+
+
 def contract(equation: str, *operands: Any) -> Any:
-    """Execute ``equation`` on ``operands`` with a cached plan."""
+    """Execute ``equation`` on ``operands`` with a cached plan (plain ``torch.einsum`` under ``torch.compile``,
+    which traces it without a graph break and plans it itself)."""
+    if operands and _dynamo_tracing(operands[0]):
+        return sys.modules["torch"].einsum(equation, *operands)
     return schedule(equation, _shapes(operands))(operands)
 
 

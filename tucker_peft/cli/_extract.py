@@ -28,6 +28,7 @@ import numpy as np
 from . import UsageError, printable
 from ._ranks import (
     KINDS,
+    PER_MODE_ENERGY,
     RULE_HELP,
     SELECTION_RULE,
     NoSpec,
@@ -59,9 +60,6 @@ REPORT_FILE = "extract_report.json"
 #: --compute-dtype auto: float64 up to this many elements, float32 above (2 GiB of float64).
 AUTO_FLOAT64_MAX_NUMEL = 2**28
 
-#: Decomposition of dW per kind for --method hosvd.
-INIT_METHOD = {"tucker": "hosvd", "tucker2": "hosvd", "cp": "parafac", "lora": "svd"}
-
 DESCRIPTION = f"""\
 For every adaptable tensor present in BASE and TUNED with the same shape:
 dW = TUNED - BASE (float64; float32 above {AUTO_FLOAT64_MAX_NUMEL:,} elements with
@@ -86,8 +84,9 @@ known to the registry.
                     for the remaining modes (0.9,0.9,none: Tucker-2 on a conv).
 A tensor whose budget is below the kind's smallest spec is skipped and reported.
 
-Fit (--method): hosvd (default) = HOSVD for tucker/tucker2, truncated SVD for
-lora (the optimum), CP-ALS (tensorly, 100 iterations) for cp; als = that start
+Fit (--method): hosvd (default) = the kind's principal decomposition: HOSVD for
+tucker/tucker2, truncated SVD for lora (the optimum), CP-ALS (tensorly, 100
+iterations) for cp, the kind's principal_init for others; als = that start
 followed by --steps ALS sweeps (tucker_peft.fit(method='als')).
 
 {SELECTION_RULE}
@@ -105,8 +104,9 @@ output may not be, be inside, or contain BASE or TUNED."""
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("base", metavar="BASE", help="the base checkpoint (path or model name)")
     p.add_argument("tuned", metavar="TUNED", help="the fine-tuned checkpoint (path or model name)")
-    p.add_argument("--kind", type=kind_name, required=True, metavar="{" + ",".join(KINDS) + "}",
-                   help="the parametrisation to extract")
+    p.add_argument("--kind", type=kind_name, required=True, metavar="KIND",
+                   help="the parametrisation to extract: a registered kind (" + ",".join(KINDS) + ", ...) or "
+                        "'module:Class' naming a Parametrization subclass")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--budget", type=positive_int, metavar="N", help="largest parameter count per tensor")
     g.add_argument("--match", type=match_arg, metavar="KIND:R",
@@ -273,10 +273,13 @@ def fit_params(spec: Any, kind: str, dw: np.ndarray, args: argparse.Namespace) -
 
     try:
         if args.method == "hosvd":
-            return spec.init(INIT_METHOD[kind], tensor=dw, scale=1.0, seed=args.seed), None
+            if spec.principal_init is None:
+                raise TuckerPeftError(f"--method hosvd: kind {spec.kind!r} has no principal decomposition "
+                                      "(principal_init); expected --method als or another kind")
+            return spec.init(spec.principal_init, tensor=dw, scale=1.0, seed=args.seed), None
         return fit(spec, dw, steps=args.steps, method="als", seed=args.seed).params, None
     except np.linalg.LinAlgError as exc:
-        if kind != "cp":
+        if spec.principal_init != "parafac":  # the fallback is for tensorly's CP-ALS, not for a kind
             raise TuckerPeftError(f"decomposition of {fmt_spec(spec)} failed: {exc}") from None
         why = str(exc)
     steps = max(CP_FALLBACK_STEPS, args.steps)
@@ -375,7 +378,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise TuckerPeftError("extract writes safetensors: pip install safetensors") from None
     rule = Rule.from_args(args)
-    if rule.energy is not None and args.kind in ("cp", "lora") and rule.energy[0] is None:
+    if rule.energy is not None and args.kind not in PER_MODE_ENERGY and rule.energy[0] is None:
         raise UsageError(f"argument --energy: {args.kind} takes its rank from the energy of mode 0, got 'none' there")
     common, problems = _pair_up(base, tuned, args)
     if not common:

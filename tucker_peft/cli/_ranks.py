@@ -20,8 +20,11 @@ from . import UsageError, printable
 NAME = "ranks"
 HELP = "per tensor: the ranks and parameter count of each kind at one budget"
 
-#: Kinds with a rank budget family, in display order.
+#: The kinds ``ranks`` shows by default, in display order (any registered kind or 'module:Class' is accepted).
 KINDS = ("tucker", "tucker2", "cp", "lora")
+#: Kinds whose --energy rule takes one rank per mode (by_energy on each unfolding); every other kind takes
+#: one rank from the energy of mode 0. Per-mode energy is a Tucker notion the kind contract has no member for.
+PER_MODE_ENERGY = ("tucker", "tucker2")
 #: Default name rule of adaptable tensors.
 DEFAULT_INCLUDE = r"weight$"
 
@@ -86,10 +89,20 @@ def nonneg_int(text: str) -> int:
 
 
 def kind_name(text: str) -> str:
-    k = text.strip().lower()
-    if k not in KINDS:
-        raise argparse.ArgumentTypeError(f"expected one of {', '.join(KINDS)}, got {text!r}")
-    return k
+    """A registered kind's name (lower case), or a ``'module:Class'`` reference that imports."""
+    from tucker_peft._base import kinds, lookup
+    from tucker_peft._errors import TuckerPeftError
+
+    k = text.strip()
+    if k.lower() in kinds():
+        return k.lower()
+    if ":" in k:
+        try:
+            lookup(k)
+        except TuckerPeftError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return k
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(kinds())} or 'module:Class', got {text!r}")
 
 
 def kind_list(text: str) -> tuple[str, ...]:
@@ -103,8 +116,8 @@ def kind_list(text: str) -> tuple[str, ...]:
 
 
 def match_arg(text: str) -> tuple[str, int]:
-    """``KIND:R``, e.g. ``lora:8``."""
-    kind, sep, r = text.partition(":")
+    """``KIND:R``, e.g. ``lora:8`` (KIND may itself be ``module:Class``)."""
+    kind, sep, r = text.rpartition(":")
     if not sep:
         raise argparse.ArgumentTypeError(f"expected KIND:RANK such as lora:8, got {text!r}")
     try:
@@ -190,17 +203,10 @@ class NoSpec(Exception):
 
 
 def reference_spec(kind: str, shape: tuple[int, ...], rank: int) -> Any:
-    """``kind`` at ``rank`` on ``shape``, the rank clipped to what the kind allows there."""
-    import tucker_peft as tp
-    from tucker_peft.cp import max_cp_rank
+    """``kind`` at ``rank`` on ``shape``, the rank clipped to what the kind allows there (its ``for_ranks``)."""
+    from tucker_peft._base import lookup
 
-    if kind == "lora":
-        return tp.LoRA(shape, min(rank, shape[0], math.prod(shape[1:])))
-    if kind == "cp":
-        return tp.CP(shape, min(rank, max_cp_rank(shape)))
-    if kind == "tucker2":
-        return tp.Tucker2(shape, tuple(min(rank, d) for d in shape[:2]))
-    return tp.Tucker(shape, tuple(min(rank, d) for d in shape))
+    return lookup(kind).for_ranks(shape, rank)
 
 
 def min_params(kind: str, shape: tuple[int, ...]) -> int:
@@ -236,7 +242,7 @@ def spec_for(kind: str, shape: tuple[int, ...], rule: Rule, tensor: Any = None) 
         if kind == "tucker2":
             r = tp.ranks.by_energy(tensor, per_mode[:2] + [None] * (len(shape) - 2))
             return tp.Tucker2(shape, r[:2])
-        # cp, lora: the smallest rank keeping the energy of the mode-0 unfolding.
+        # every other kind: the smallest rank keeping the energy of the mode-0 unfolding.
         if per_mode[0] is None:
             raise NoSpec(f"{kind} takes its rank from the energy of mode 0, which is 'none'")
         r0 = tp.ranks.by_energy(tensor, [per_mode[0]] + [None] * (len(shape) - 1))[0]
@@ -310,10 +316,8 @@ def shape_str(shape: Sequence[int]) -> str:
 
 
 def ranks_str(spec: Any) -> str:
-    ranks = getattr(spec, "ranks", None)
-    if ranks is not None:
-        return ",".join("*" if r is None else str(r) for r in ranks)
-    return str(spec.rank)
+    """The spec's ranks as the kind shows them (``describe_ranks``)."""
+    return spec.describe_ranks()
 
 
 def spec_json(spec: Any) -> dict[str, Any]:

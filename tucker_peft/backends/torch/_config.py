@@ -11,7 +11,6 @@ from typing import Any, Mapping, Sequence, Union
 from ... import ranks as _ranks
 from ..._base import Parametrization, kinds, lookup
 from ..._errors import RankError, TuckerPeftError, fmt_shape
-from ...cp import CP, max_cp_rank
 from ...lora import LoRA
 
 __all__ = ["AdapterConfig", "LayerTooSmall"]
@@ -157,11 +156,12 @@ class AdapterConfig:
         an error, as is a module that holds an adapted layer or an adapted
         weight itself. The copies are saved with the adapter.
     scale_rule : {'matched', 'fixed'}
-        ``'fixed'``: s = alpha for every kind. ``'matched'`` (default): Tucker and CP
-        start from orthonormal factors and s = alpha · √(out·r_L/3) / √(n₀),
+        ``'fixed'``: s = alpha for every kind. ``'matched'`` (default): s = alpha ·
+        the kind's :meth:`~tucker_peft.Parametrization.matched_scale`. Tucker, CP
+        and TT start from orthonormal factors and s = alpha · √(out·r_L/3) / √(n₀),
         with n₀ the size of the block that starts at zero (core, or λ) and r_L
         the LoRA rank of the same budget, so that the first Adam step changes
-        ΔW by as much as PEFT's LoRA (Kaiming A, B = 0) does; LoRA keeps s = alpha.
+        ΔW by as much as PEFT's LoRA (Kaiming A, B = 0) does; LoRA, LoKr and LoHa keep s = alpha.
     kind_options : dict
         Constraints for :func:`tucker_peft.ranks.for_budget` (Tucker: ``split``,
         ``kernel``, ``fixed``).
@@ -198,8 +198,6 @@ class AdapterConfig:
             self.ranks = 8
         if self.ranks is not None:
             self.ranks = _check_ranks(self.ranks, "ranks")
-            if isinstance(self.ranks, tuple) and self.kind in ("cp", "lora"):
-                raise TuckerPeftError(f"ranks: kind {self.kind!r} takes one int rank, got {self.ranks!r}")
         if self.budget is not None:
             self.budget = _check_budget(self.budget, "budget")
         self.alpha = _check_alpha(self.alpha, "alpha")
@@ -262,9 +260,9 @@ class AdapterConfig:
         return self.alpha if a is None else a
 
     def scale_for(self, name: str, spec: Parametrization) -> float:
-        """s of layer ``name``: its alpha, times :func:`matched_factor` under ``scale_rule='matched'``."""
+        """s of layer ``name``: its alpha, times the kind's ``spec.matched_scale()`` under ``scale_rule='matched'``."""
         a = self.alpha_for(name)
-        return a * matched_factor(spec) if self.scale_rule == "matched" else a
+        return a * spec.matched_scale() if self.scale_rule == "matched" else a
 
     def spec_for(self, name: str, shape: Sequence[int]) -> Parametrization:
         """The spec of layer ``name`` with weight ``shape``; errors name the layer.
@@ -295,7 +293,7 @@ class AdapterConfig:
         if isinstance(self.budget, str):
             r, out, k = float(self.budget[5:]), shape[0], math.prod(shape[1:])
             if r.is_integer() or r >= min(out, k):
-                n = LoRA(shape, min(int(r), out, k)).num_params
+                n = LoRA(shape, min(int(r), out, k)).num_params  # 'lora:R' is defined by LoRA's count
             else:  # below one LoRA rank per layer: lora:0.25 is a quarter of rank 1's count
                 n = max(1, math.floor(r * (out + k)))
         else:
@@ -311,36 +309,10 @@ class AdapterConfig:
         return numel, True
 
 
-def matched_factor(spec: Parametrization) -> float:
-    """√(out·r_L/3) / √(n₀): the first-step ‖ΔW‖ of PEFT's LoRA at ``spec``'s budget over that of ``spec``.
-
-    With orthonormal factors a sign step of size lr on the n₀ entries that
-    start at zero (Tucker's core, CP's λ) changes ΔW by lr·√n₀ in Frobenius
-    norm; PEFT's LoRA (B = 0, A ~ U(±1/√K)) changes it by lr·√(out·r/3).
-    """
-    from ...tucker import Tucker
-    out, k = spec.shape[0], math.prod(spec.shape[1:])
-    if isinstance(spec, Tucker):
-        n0 = math.prod(spec.core_shape)
-    elif isinstance(spec, CP):
-        n0 = spec.rank
-    else:
-        return 1.0
-    r_lora = spec.num_params / (out + k)
-    return math.sqrt(out * r_lora / 3.0) / math.sqrt(n0)
-
-
 def _spec_for_ranks(kind: str, shape: tuple[int, ...], r: Any) -> Parametrization:
+    """The kind's spec at ``r``: an int is clipped to ``shape`` by the kind (``for_ranks``); a tuple is taken
+    as given, so a weight that cannot take it (or a kind that takes one int) raises the kind's RankError."""
     cls = lookup(kind)
-    if kind in ("tucker", "tucker2"):
-        return cls(shape, r)
     if isinstance(r, tuple):
-        raise RankError(f"kind {kind!r} takes one int rank, got {r!r}")
-    if cls is CP or (isinstance(cls, type) and issubclass(cls, CP)):
-        return cls(shape, min(r, max_cp_rank(shape)))
-    if cls is LoRA or (isinstance(cls, type) and issubclass(cls, LoRA)):
-        return cls(shape, min(r, shape[0], math.prod(shape[1:])))
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "shape" and not f.kw_only] if dataclasses.is_dataclass(cls) else []
-    if len(names) != 1:
-        raise RankError(f"kind {kind!r}: cannot tell which field takes the rank; use budget= instead")
-    return cls(shape, **{names[0]: r})
+        return cls(shape, r)
+    return cls.for_ranks(shape, r)

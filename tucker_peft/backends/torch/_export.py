@@ -59,7 +59,9 @@ def _exact(delta: DeltaWeight, one: Callable[[Mapping[str, torch.Tensor]], _Pair
 def lora_factors(delta: DeltaWeight) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact LoRA ``(B, A)`` with ``B @ A = s·ΔW`` unfolded to ``(out, in/groups·Πkernel)``.
 
-    The rank is that of the kind (Tucker r_out, CP R, LoRA r; doubled for an
+    The kind's :meth:`~tucker_peft.Parametrization.lora_factors`; a kind without
+    exact ones is refused with its ``lora_note``. The rank is that of the kind
+    (Tucker r_out, CP R, LoRA r; doubled for an
     'hosvd' adapter, whose starting point is subtracted exactly by stacking),
     capped at ``min(out, in/groups·Πkernel)`` by an identity factor.
 
@@ -69,19 +71,19 @@ def lora_factors(delta: DeltaWeight) -> tuple[torch.Tensor, torch.Tensor]:
     A : Tensor of shape (r, in/groups·Πkernel), float64
     """
     def one(params: Mapping[str, torch.Tensor]) -> _Pair:
-        p_out, s, p_in, mg = delta.views(params)
-        s = s.detach().double()
-        if mg > 1:
-            a = s.reshape(s.shape[0], 1, *s.shape[2:]) * p_in.detach().double().T.reshape(s.shape[0], -1, *(1,) * (s.ndim - 2))
-        elif p_in is not None:
-            a = torch.einsum("ab...,cb->ac...", s, p_in.detach().double())
-        else:
-            a = s
-        b = p_out.detach().double() if p_out is not None else torch.eye(delta.spec.shape[0], dtype=torch.float64,
-                                                                         device=s.device)
-        return b, a.reshape(a.shape[0], -1)
+        got = delta.spec.lora_factors({k: v.detach().double() for k, v in params.items()}, delta.scale)
+        if got is None:
+            raise _no_lora(delta)
+        return got
 
     return _exact(delta, one)
+
+
+def _no_lora(delta: DeltaWeight) -> TuckerPeftError:
+    spec = delta.spec
+    why = spec.lora_note or f"it has no exact low-rank unfolding of a weight of shape {fmt_shape(spec.shape)}"
+    return TuckerPeftError(f"export_peft_lora: kind {spec.kind!r} cannot be written as an exact LoRA: {why}; "
+                           "use save_adapter")
 
 
 def _expert_factors(delta: DeltaWeight) -> _Pair:
@@ -89,7 +91,10 @@ def _expert_factors(delta: DeltaWeight) -> _Pair:
     e, d1, _ = delta.spec.shape
 
     def one(params: Mapping[str, torch.Tensor]) -> _Pair:
-        p_out, s, p_in, mg = delta.views(params)  # ΔW[e,i,j] = Σ P_out[e,a] S[a,b,j] P_in[i,b]
+        views = delta.spec.factored(params, delta.scale)  # ΔW[e,i,j] = Σ P_out[e,a] S[a,b,j] P_in[i,b]
+        if views is None:
+            raise _no_lora(delta)
+        p_out, s, p_in, mg = views
         s = s.detach().double()
         p_out = p_out.detach().double() if p_out is not None else torch.eye(e, dtype=torch.float64, device=s.device)
         if mg > 1:  # CP: S (R, 1, d2), P_in (d1, R) shares P_out's index

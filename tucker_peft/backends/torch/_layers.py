@@ -12,11 +12,8 @@ from torch import nn
 
 from ..._base import Parametrization
 from ..._errors import TuckerPeftError
-from ...cp import CP
-from ...lora import LoRA
-from ...tucker import Tucker
 from ._keys import base_keys_on_load, base_keys_on_save
-from ._ops import FusedDelta, Geometry, contract, factorized, stage_costs, symbols
+from ._ops import FusedDelta, Geometry, factorized, stage_costs
 
 __all__ = ["DeltaWeight", "AdaptedLayer", "DeltaParametrization", "SUPPORTED", "supported_types"]
 
@@ -41,22 +38,6 @@ def supported_types() -> tuple[type, ...]:
 def _is_conv1d(base: nn.Module) -> bool:
     c = _hf_conv1d()
     return c is not None and isinstance(base, c)
-
-
-def _kernel_equation(spec: Tucker) -> tuple[str, list[str]]:
-    """Einsum folding Tucker's kernel factors into the core: ``(c0, c1, *kernel)``, any number of kernel modes."""
-    nk = len(spec.shape) - 2
-    ks = symbols(nk, "ab")  # the kernel modes
-    rs = symbols(nk, "ab" + ks)  # their ranks
-    core, factors = "ab", []
-    for n, r in enumerate(spec.ranks[2:]):
-        if r is None:
-            core += ks[n]
-        else:
-            core += rs[n]
-            factors.append((f"factor_{n + 2}", ks[n] + rs[n]))
-    eq = ",".join([core] + [t for _, t in factors]) + "->ab" + ks
-    return eq, [name for name, _ in factors]
 
 
 def _transposed(views: tuple[Any, torch.Tensor, Any, int]) -> tuple[Any, torch.Tensor, Any, int]:
@@ -100,9 +81,8 @@ class DeltaWeight(nn.Module):
                 self.register_buffer(f"init_{k}", v)
             self.init_names = tuple(init_params)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
-        self._structured = isinstance(spec, (Tucker, CP, LoRA)) and len(spec.shape) >= 2
-        if isinstance(spec, Tucker) and len(spec.shape) > 2:
-            self._keq, self._kfac = _kernel_equation(spec)
+        # Kinds with a three-stage form (Parametrization.factored) get the fused/factorised ops; others rebuild.
+        self._structured = len(spec.shape) >= 2 and spec.factored(self.param_dict(), self.scale) is not None
         self._costs: dict[Any, tuple[int, int, int]] = {}
         self._staged: bool | None = None  # tests force either backward of the fused rebuild
 
@@ -133,28 +113,12 @@ class DeltaWeight(nn.Module):
         return self.spec.reconstruct(self.init_params(), self.scale)
 
     def views(self, params: Mapping[str, torch.Tensor] | None = None) -> tuple[Any, torch.Tensor, Any, int]:
-        """``(P_out, S, P_in, mg)`` of the three-stage form (see :mod:`._ops`), s folded into S."""
-        p = self.param_dict() if params is None else params
-        spec, s = self.spec, self.scale
-        kernel = spec.shape[2:]
-        if isinstance(spec, Tucker):
-            if kernel and self._kfac:
-                core = contract(self._keq, p["core"], *[p[n] for n in self._kfac])
-            else:
-                core = p["core"]
-            r0, r1 = spec.ranks[:2]
-            return (p["factor_0"] if r0 is not None else None, core * s,
-                    p["factor_1"] if r1 is not None else None, 1)
-        if isinstance(spec, CP):
-            w = p["weights"] * s
-            if kernel:
-                ks = symbols(len(kernel), "a")
-                terms = ",".join(f"{k}a" for k in ks)
-                w = contract(f"a,{terms}->a{ks}", w, *[p[f"factor_{n + 2}"] for n in range(len(kernel))])
-            return p["factor_0"], w.reshape(spec.rank, 1, *kernel), p["factor_1"], spec.rank
-        if isinstance(spec, LoRA):
-            return p["B"], (p["A"] * s).reshape(spec.rank, *spec.shape[1:]), None, 1
-        raise TuckerPeftError(f"kind {spec.kind!r} has no three-stage form")  # pragma: no cover
+        """``(P_out, S, P_in, mg)`` of the three-stage form (see :mod:`._ops`), s folded into S: the kind's
+        :meth:`~tucker_peft.Parametrization.factored`."""
+        v = self.spec.factored(self.param_dict() if params is None else params, self.scale)
+        if v is None:
+            raise TuckerPeftError(f"kind {self.spec.kind!r} has no three-stage form")  # pragma: no cover
+        return v
 
     def strategy(self, geom: Geometry, positions: int, training: bool,
                  views: tuple[Any, torch.Tensor, Any, int] | None = None) -> tuple[str, bool]:

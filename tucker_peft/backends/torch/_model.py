@@ -192,13 +192,18 @@ def plan(model: nn.Module, config: AdapterConfig, adapter_name: str) -> list[Tar
         scale = config.scale_for(name, spec)
         dtype = _adapter_dtype(w)
         if config.init == "zero":
-            params = spec.init("zero", like=w.detach(), dtype=dtype, seed=config.seed)
-            if config.scale_rule == "matched":
-                params = _orthonormal_factors(spec, params)
+            # 'matched' scales assume orthonormal factors next to the zero block, in kinds that define it
+            # (those overriding matched_scale: Tucker, CP, TT); others keep their plain zero init.
+            ortho = config.scale_rule == "matched" and type(spec).matched_scale is not Parametrization.matched_scale
+            params = spec.init("zero", like=w.detach(), dtype=dtype, seed=config.seed,
+                               **({"orthonormal": True} if ortho else {}))
             init = None
         else:
             tensor = w.detach().to(torch.float64)
-            method = {"tucker": "hosvd", "tucker2": "hosvd", "cp": "parafac", "lora": "svd"}.get(spec.kind, "hosvd")
+            method = spec.principal_init
+            if method is None:
+                raise TuckerPeftError(f"layer {name!r}: init='hosvd' decomposes the pretrained weight, but kind "
+                                      f"{spec.kind!r} has no principal_init; expected init='zero'")
             params = spec.init(method, tensor=tensor, scale=scale, seed=config.seed)
             params = {k: v.to(dtype) for k, v in params.items()}
             init = {k: v.detach().clone() for k, v in params.items()}
@@ -210,20 +215,6 @@ def plan(model: nn.Module, config: AdapterConfig, adapter_name: str) -> list[Tar
         warnings.warn(f"skipped {len(skipped)} layer(s) where any adapter would be larger than the weight "
                       "(strict=True refuses instead): " + "; ".join(skipped), stacklevel=3)
     _mts.resolve(model, config.trainable, tuple(t.path for t in out))  # errors before the model changes
-    return out
-
-
-def _orthonormal_factors(spec: Parametrization, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tucker: each random factor replaced by its QR's Q; CP: unit-norm columns. The zero block stays zero."""
-    out = dict(params)
-    for k, v in params.items():
-        if not k.startswith("factor_"):
-            continue
-        if spec.kind == "cp":
-            out[k] = v / v.norm(dim=0, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
-        else:
-            q, r = torch.linalg.qr(v.double())
-            out[k] = (q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, 1.0)).to(v.dtype)
     return out
 
 
