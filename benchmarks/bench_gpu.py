@@ -110,7 +110,7 @@ def timed(fns: dict[str, Callable[[], Any]], syncs: dict[str, Callable[[], None]
 
 
 def _to_np(a: Any) -> np.ndarray:
-    from tucker_peft._dispatch import to_numpy
+    from tucker_peft._namespace import to_numpy
 
     return np.asarray(to_numpy(a), dtype=np.float64)
 

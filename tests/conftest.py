@@ -75,7 +75,7 @@ def xp(request):
 
 
 def to_np(a) -> np.ndarray:
-    from tucker_peft._dispatch import to_numpy
+    from tucker_peft._namespace import to_numpy
 
     return np.asarray(to_numpy(a))
 

@@ -16,23 +16,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tucker_peft as tp
-from tucker_peft import _dispatch
+from tucker_peft import _planner
 from tucker_peft._base import MAX_MODES, Parametrization
 
 BOUND_S = 1.0
 
 
 def _clear_plans() -> None:
-    _dispatch.schedule.cache_clear()
-    _dispatch._path_info.cache_clear()
+    _planner.schedule.cache_clear()
+    _planner._path_info.cache_clear()
     Parametrization.cost.cache_clear()
 
 
 def _plan(spec: Parametrization, n: int) -> None:
     """Everything a forward/backward of ``spec`` plans: both einsums and the cost model."""
     spec.cost(n)
-    _dispatch.schedule(spec._recon_eq, spec._views)
-    _dispatch.schedule(spec._apply_eq, ((n, *spec.shape[1:]),) + spec._views)
+    _planner.schedule(spec._recon_eq, spec._views)
+    _planner.schedule(spec._apply_eq, ((n, *spec.shape[1:]),) + spec._views)
 
 
 def _planning_seconds(spec: Parametrization, n: int) -> float:
@@ -124,4 +124,4 @@ def test_up_to_five_modes_plans_stay_flop_optimal(spec, n):
     # Shapes where opt_einsum's 'dp' and 'greedy' cost more FLOPs than its 'optimal' search.
     for eq, shapes in ((spec._recon_eq, spec._views), (spec._apply_eq, ((n, *spec.shape[1:]),) + spec._views)):
         best = opt_einsum.contract_path(eq, *shapes, shapes=True, optimize="optimal")[1].opt_cost
-        assert _dispatch.plan_cost(eq, shapes) == int(best)
+        assert _planner.plan_cost(eq, shapes) == int(best)

@@ -309,7 +309,7 @@ def test_apply_matches_dense_and_its_vjp_matches_autograd(data, strategy, batch)
 
 def test_generic_backend_is_used_for_array_api_strict():
     xs = pytest.importorskip("array_api_strict")
-    from tucker_peft._dispatch import einsum_backend
+    from tucker_peft._namespace import einsum_backend
 
     assert einsum_backend(xs.asarray([1.0])) == "tucker_peft._array_api_einsum"
     assert einsum_backend(np.ones(1)) == "numpy"

@@ -210,7 +210,7 @@ def test_cost_formulas():
 
 
 def test_einsum_with_an_index_summed_inside_one_operand_is_rejected():
-    from tucker_peft._dispatch import contract_vjp
+    from tucker_peft._planner import contract_vjp
 
     a = np.ones((3, 4, 2))
     with pytest.raises(TuckerPeftError, match=r"index 'z' of term 'abz' is summed without meeting another operand"):

@@ -24,10 +24,10 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 import opt_einsum
-from array_api_compat import device as _dispatch_device, to_device
+from array_api_compat import device as _array_device, to_device
 
-from . import _dispatch
-from ._dispatch import ArrayContext, contract, contract_vjp, plan_cost, vjp_cost
+from ._namespace import ArrayContext, namespace
+from ._planner import contract, contract_vjp, plan_cost, vjp_cost
 from ._errors import InitError, ParamsError, RankError, TuckerPeftError, fmt_shape
 
 __all__ = ["Parametrization", "Cost", "register", "parametrization", "kinds", "lookup", "ENTRY_POINT_GROUP",
@@ -99,7 +99,7 @@ def check_tensor(tensor: Any, what: str = "tensor", error: type[TuckerPeftError]
     dtype (all-zero factors), and NaN/Inf make LAPACK fail or hang: both are
     refused here. Costs one reduction and one host read.
     """
-    xp = _dispatch.namespace(tensor, what=(what,))
+    xp = namespace(tensor, what=(what,))
     if not xp.isdtype(tensor.dtype, "real floating"):
         raise error(f"{what}: expected a real floating dtype, got {tensor.dtype}; cast it first "
                     "(e.g. to float32 or float64)")
@@ -326,7 +326,7 @@ class Parametrization(ABC):
         if f is None:
             return None
         p_out, s, p_in, mg = f
-        xp = _dispatch.namespace(s)
+        xp = namespace(s)
         kernel = tuple(s.shape[2:])
         m, j, i = self._sym(0), self._sym(1), self._sym(2)
         k = "".join(self._sym(3 + n) for n in range(len(kernel)))
@@ -336,7 +336,7 @@ class Parametrization(ABC):
             a = contract(f"{m}{j}{k},{i}{j}->{m}{i}{k}", s, p_in)
         else:
             a = s
-        b = p_out if p_out is not None else xp.eye(self.shape[0], dtype=s.dtype, device=_dispatch_device(s))
+        b = p_out if p_out is not None else xp.eye(self.shape[0], dtype=s.dtype, device=_array_device(s))
         return b, xp.reshape(a, (a.shape[0], -1))
 
     def describe_ranks(self) -> str:
@@ -459,7 +459,7 @@ class Parametrization(ABC):
                 raise ParamsError(f"params[{k!r}]: expected shape {fmt_shape(want)}, got {fmt_shape(got)}")
         names = list(expected) + [n for n, _ in extra]
         arrays = [params[k] for k in expected] + [a for _, a in extra]
-        return _dispatch.namespace(*arrays, what=names)
+        return namespace(*arrays, what=names)
 
     def _operands(self, xp: Any, params: Mapping[str, Any]) -> list[Any]:
         ops = []

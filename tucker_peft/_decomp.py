@@ -19,7 +19,8 @@ import numpy as np
 from array_api_compat import device
 
 from ._base import check_int, check_rank, check_shape, check_tensor, mode_ranks
-from ._dispatch import contract, namespace
+from ._namespace import namespace
+from ._planner import contract
 from ._errors import TuckerPeftError, fmt_shape
 
 __all__ = ["hosvd", "hooi", "parafac", "multilinear_project", "max_cp_rank", "CPALS", "sym_pinv"]

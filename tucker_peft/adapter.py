@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from ._base import Parametrization, check_scale, parametrization
-from ._dispatch import ArrayContext, namespace, to_numpy
+from ._namespace import ArrayContext, namespace, to_numpy
 from ._errors import ParamsError, TuckerPeftError, fmt_shape
 from .optim import Optimizer
 

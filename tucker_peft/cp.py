@@ -11,7 +11,8 @@ import numpy as np
 
 from ._base import Parametrization, Params, check_rank, check_shape, register
 from ._decomp import max_cp_rank, parafac
-from ._dispatch import ArrayContext, contract, namespace
+from ._namespace import ArrayContext, namespace
+from ._planner import contract
 from ._errors import TuckerPeftError
 
 __all__ = ["CP"]

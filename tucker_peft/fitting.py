@@ -22,7 +22,7 @@ import numpy as np
 
 from ._base import Parametrization, check_int, check_scale, check_tensor
 from ._decomp import CPALS, hooi_sweep, sym_pinv as _sym_pinv
-from ._dispatch import to_numpy
+from ._namespace import to_numpy
 from ._errors import RankError, TuckerPeftError, fmt_shape
 from .cp import CP
 from .lora import LoRA

@@ -11,7 +11,7 @@ import numpy as np
 
 from ._base import Parametrization, Params, check_rank, check_shape, register
 from ._decomp import leading_left_singular
-from ._dispatch import ArrayContext, namespace
+from ._namespace import ArrayContext, namespace
 from ._errors import TuckerPeftError
 
 __all__ = ["LoRA"]

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ._dispatch import ArrayContext, namespace, to_numpy
+from ._namespace import ArrayContext, namespace, to_numpy
 from ._errors import ParamsError, TuckerPeftError, fmt_shape
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "clip_grad_norm"]

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from ._base import Parametrization, lookup
-from ._dispatch import ArrayContext
+from ._namespace import ArrayContext
 from .cp import max_cp_rank
 
 __all__ = [

@@ -12,7 +12,8 @@ import numpy as np
 
 from ._base import Parametrization, Params, check_int, check_rank, check_shape, register
 from ._decomp import leading_left_singular
-from ._dispatch import ArrayContext, contract, namespace
+from ._namespace import ArrayContext, namespace
+from ._planner import contract
 from ._errors import RankError, TuckerPeftError, fmt_shape
 
 __all__ = ["TT", "balanced_factors"]

@@ -12,7 +12,8 @@ import numpy as np
 
 from ._base import Parametrization, Params, check_rank, check_shape, mode_ranks, register
 from ._decomp import hooi, hosvd
-from ._dispatch import ArrayContext, contract, namespace
+from ._namespace import ArrayContext, namespace
+from ._planner import contract
 from ._errors import RankError, TuckerPeftError
 
 __all__ = ["Tucker", "Tucker2"]

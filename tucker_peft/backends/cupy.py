@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-from .._dispatch import library_of, to_numpy
+from .._namespace import library_of, to_numpy
 from .._errors import BackendMismatchError, TuckerPeftError
 from ..adapter import Adapter, StateDictError
 from ..fitting import FitResult, budget_sweep, fit

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..._dispatch import contract as _planned
+from ..._planner import contract as _planned
 
 
 def contract(eq: str, *ops: torch.Tensor) -> torch.Tensor:
