@@ -25,10 +25,6 @@ class HostReadCounter(torch.Tensor):
         return super().__torch_function__(func, types, args, kwargs or {})
 
 
-# tucker_peft dispatches on the top-level module name; keep the torch paths.
-HostReadCounter.__module__ = "torch"
-
-
 def guarded(a) -> "HostReadCounter":
     """``a`` (NumPy or torch) as a float64 counting tensor."""
     return torch.as_tensor(a, dtype=torch.float64).as_subclass(HostReadCounter)

@@ -11,7 +11,14 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-from array_api_compat import array_namespace
+from array_api_compat import (
+    array_namespace,
+    is_cupy_array,
+    is_dask_array,
+    is_jax_array,
+    is_numpy_array,
+    is_torch_array,
+)
 from array_api_compat import device as array_device
 
 from ._errors import BackendMismatchError, TuckerPeftError
@@ -25,12 +32,27 @@ __all__ = [
 ]
 
 # opt_einsum backends that ship einsum/tensordot/transpose natively.
-_NATIVE_EINSUM = {"numpy": "numpy", "torch": "torch", "cupy": "cupy", "jax": "jax", "jaxlib": "jax"}
+_NATIVE_EINSUM = {"numpy": "numpy", "torch": "torch", "cupy": "cupy", "jax": "jax"}
 _GENERIC_BACKEND = "tucker_peft._array_api_einsum"
+# array-api-compat's type checks: cached per type, subclasses included, and none imports its library.
+_KNOWN_LIBRARIES = (
+    ("numpy", is_numpy_array),
+    ("torch", is_torch_array),
+    ("cupy", is_cupy_array),
+    ("jax", is_jax_array),
+    ("dask", is_dask_array),
+)
 
 
 def library_of(x: Any) -> str:
-    """Top-level module name of the library that made ``x`` (``'numpy'``, ``'torch'``...)."""
+    """Name of the library that made ``x`` (``'numpy'``, ``'torch'``, ``'cupy'``, ``'jax'``...).
+
+    Known libraries are recognised by type (a subclass of ``np.ndarray`` defined
+    anywhere is ``'numpy'``); any other array by its top-level module name.
+    """
+    for name, is_array in _KNOWN_LIBRARIES:
+        if is_array(x):
+            return name
     return type(x).__module__.split(".", 1)[0]
 
 
