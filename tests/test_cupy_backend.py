@@ -195,7 +195,7 @@ def test_cupy_steps_never_synchronize():
     import cupyx
     from array_api_compat import array_namespace
 
-    from tucker_peft.fitting import _CPALS, _Error, _LoRAALS, _TuckerALS
+    from tucker_peft.fitting import _Error
 
     spec = SPECS[0]
     rng = np.random.default_rng(2)
@@ -206,10 +206,10 @@ def test_cupy_steps_never_synchronize():
     ad = tpc.Adapter(spec, spec.init("random", like=W, seed=0), base=W, optimizer=Adam(lr=0.01))
     sgd = tpc.Adapter(spec, spec.init("random", like=W, seed=0), base=W, optimizer=SGD(lr=0.01, momentum=0.9))
     xp = array_namespace(t)
-    tucker = _TuckerALS(xp, spec, t, 1.0, spec.init("hosvd", tensor=t))
-    cpals = _CPALS(xp, cp_spec, t, 1.0, cp_spec.init("random", like=t, seed=0))
+    tucker = spec.als_solver(t, 1.0, spec.init("hosvd", tensor=t))
+    cpals = cp_spec.als_solver(t, 1.0, cp_spec.init("random", like=t, seed=0))
     lora_spec = SPECS[3]
-    lora = _LoRAALS(xp, lora_spec, t, 1.0, lora_spec.init("random", like=t, seed=0))
+    lora = lora_spec.als_solver(t, 1.0, lora_spec.init("random", like=t, seed=0))
     err = _Error(xp, spec, t, 1.0)
     cupy.cuda.Device().synchronize()
     with cupyx.allow_synchronize(False):

@@ -332,3 +332,26 @@ def test_orthonormal_zero_init_makes_a_sign_step_move_dw_by_root_n0(spec):
         assert np.linalg.norm(spec.reconstruct({**p, zero: signs})) == pytest.approx(math.sqrt(spec.zero_block_size))
     with pytest.raises(tp.InitError, match="unexpected options.*orthonormal"):
         tp.LoRA((8, 6), 2).init("zero", orthonormal=True)
+
+
+def test_fit_als_asks_the_kind_for_its_solver(gated):
+    t = np.random.default_rng(0).standard_normal((6, 4))
+    with pytest.raises(TuckerPeftError, match="kind 'gated_lora_test' has no alternating least squares.*adam"):
+        tp.fit(GatedLoRA((6, 4), 2), t, steps=2, init="random")
+    with pytest.raises(TuckerPeftError, match="kind 'tt' has no alternating least squares"):
+        tp.fit(tp.TT((6, 4, 3), 2), np.ones((6, 4, 3)), steps=2)
+    sweeps = []
+
+    class GatedALS(GatedLoRA):
+        def als_solver(self, target, scale, params):
+            class Solver:  # one sweep: B by least squares with g and A fixed
+                def sweep(self_inner):
+                    ga = params["g"][:, None] * params["A"]
+                    b = np.linalg.lstsq(ga.T, (target / scale).T, rcond=None)[0].T
+                    sweeps.append(b)
+                    return {**params, "B": b}
+            return Solver()
+
+    res = tp.fit(GatedALS((6, 4), 2), t, steps=3, init="random", scale=2.0)
+    assert len(sweeps) == 3 and res.params["B"] is sweeps[-1]
+    assert res.final_error < res.init_error

@@ -304,6 +304,15 @@ class Parametrization(ABC):
         r_lora = self.num_params / (out + k)
         return math.sqrt(out * r_lora / 3.0) / math.sqrt(max(1, self.zero_block_size))
 
+    def als_solver(self, target: Any, scale: float, params: Mapping[str, Any]) -> Any:
+        """Alternating least squares fitting ``scale · ΔW ≈ target`` for ``fit(method='als')``, or None.
+
+        An object whose ``sweep()`` runs one sweep from ``params`` and returns
+        the new params, on ``target``'s namespace and device. None (the
+        default) means the kind has none: ``fit`` asks for ``method='adam'``.
+        """
+        return None
+
     def factored(self, params: Mapping[str, Any], scale: Any = 1.0) -> tuple[Any, Any, Any, int] | None:
         """The three-stage form of ``scale · ΔW`` on a weight ``(out, in, *kernel)``, or None.
 

@@ -10,10 +10,10 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import numpy as np
 
 from ._base import Parametrization, Params, check_rank, check_shape, register
-from ._decomp import max_cp_rank, parafac
+from ._decomp import CPALS, max_cp_rank, parafac
 from ._namespace import ArrayContext, namespace
 from ._planner import contract
-from ._errors import TuckerPeftError
+from ._errors import TuckerPeftError, fmt_shape
 
 __all__ = ["CP"]
 
@@ -63,6 +63,12 @@ class CP(Parametrization):
 
     def matched_scale(self) -> float:
         return self.orthonormal_matched_scale()
+
+    def als_solver(self, target: Any, scale: float, params: Mapping[str, Any]) -> Any:
+        """CP-ALS sweeps (each factor by least squares against the Khatri-Rao product of the others)."""
+        if self.ndim < 2:
+            raise TuckerPeftError(f"spec: CP-ALS needs at least 2 modes, got shape {fmt_shape(self.shape)}")
+        return _CPALS(namespace(target), self, target, scale, dict(params))
 
     def factored(self, params: Mapping[str, Any], scale: Any = 1.0) -> tuple[Any, Any, Any, int] | None:
         """``(a^(0), s·λ ∘ a^(k≥2) as (R, 1, *kernel), a^(1), R)``: a diagonal middle op."""
@@ -158,3 +164,20 @@ def _slices(shape: tuple[int, ...], dense: Any, xp: Any) -> Params:
 
 
 register("cp", CP)
+
+
+class _CPALS(CPALS):
+    """:class:`~tucker_peft._decomp.CPALS` on a CP spec's params (λ carries the scale)."""
+
+    def __init__(self, xp: Any, spec: CP, target: Any, scale: float, params: Params) -> None:
+        super().__init__(xp, target, params["weights"] * scale, [params[f"factor_{n}"] for n in range(spec.ndim)])
+        self.scale = scale
+
+    def sweep(self) -> Params:  # type: ignore[override]
+        super().sweep()
+        return self.params()
+
+    def params(self) -> Params:
+        out = {"weights": self.weights / self.scale}
+        out.update({f"factor_{n}": f for n, f in enumerate(self.factors)})
+        return out

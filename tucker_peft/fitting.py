@@ -21,13 +21,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ._base import Parametrization, check_int, check_scale, check_tensor
-from ._decomp import CPALS, hooi_sweep, sym_pinv as _sym_pinv
 from ._namespace import to_numpy
 from ._errors import RankError, TuckerPeftError, fmt_shape
-from .cp import CP
-from .lora import LoRA
 from .optim import Adam, Optimizer
-from .tucker import Tucker
 
 __all__ = ["fit", "FitResult", "budget_sweep"]
 
@@ -169,7 +165,8 @@ def fit(spec: Parametrization, target: Any, steps: int = 20, method: str = "als"
     Parameters
     ----------
     spec : Parametrization
-        Tucker, Tucker-2, CP or LoRA (``method='adam'`` takes any kind).
+        Any kind for ``method='adam'``; ``method='als'`` takes a kind whose
+        :meth:`~Parametrization.als_solver` is not None (Tucker, Tucker-2, CP, LoRA).
     target : array, shape ``spec.shape``
         The ΔW to approximate, e.g. ``W_finetuned - W_base``: real floating
         and finite. Params come back in its library, device and dtype;
@@ -229,11 +226,6 @@ def fit(spec: Parametrization, target: Any, steps: int = 20, method: str = "als"
     scale = check_scale(scale, nonzero=True)
     if tol is not None and not (isinstance(tol, (int, float)) and tol >= 0):
         raise TuckerPeftError(f"tol: expected a number >= 0 or None, got {tol!r}")
-    if method == "als" and isinstance(spec, CP) and spec.ndim < 2:
-        raise TuckerPeftError(f"spec: CP-ALS needs at least 2 modes, got shape {fmt_shape(spec.shape)}")
-    if method == "als" and not isinstance(spec, (Tucker, CP, LoRA)):
-        raise TuckerPeftError(f"method: 'als' supports tucker, tucker2, cp and lora, got kind {spec.kind!r}; "
-                              "use method='adam'")
     t0 = time.perf_counter()
     # float16/bfloat16: LAPACK and the einsums need at least float32; params return in the target's dtype.
     out_dtype = target.dtype
@@ -258,9 +250,11 @@ def fit(spec: Parametrization, target: Any, steps: int = 20, method: str = "als"
                           zero_target=amax == 0)
     err = _Error(xp, spec, target, scale)
     if method == "als":
-        sweep = {Tucker: _TuckerALS, CP: _CPALS, LoRA: _LoRAALS}
-        cls = next(v for k, v in sweep.items() if isinstance(spec, k))
-        params, errors = _run(cls(xp, spec, target, scale, params), params, err, steps, tol, cb)
+        solver = spec.als_solver(target, scale, params)
+        if solver is None:
+            raise TuckerPeftError(f"method: kind {spec.kind!r} has no alternating least squares "
+                                  "(its als_solver returns None); use method='adam'")
+        params, errors = _run(solver, params, err, steps, tol, cb)
     else:
         params, errors = _adam(xp, spec, target, scale, params, err, steps, lr, optimizer, tol, cb)
     params = unscaled(params)
@@ -290,62 +284,6 @@ def _run(als: Any, params: Params, err: _Error, steps: int, tol: float | None, c
         if _stop(errors, tol, k, params, callback):
             break
     return params, errors
-
-
-class _TuckerALS:
-    """HOOI sweeps on orthonormalised factors."""
-
-    def __init__(self, xp: Any, spec: Tucker, target: Any, scale: float, params: Params) -> None:
-        self.xp, self.spec, self.target, self.scale = xp, spec, target, scale
-        self.modes = [n for n, r in enumerate(spec.ranks) if r is not None]
-        self.factors: list[Any] = [params.get(f"factor_{n}") for n in range(spec.ndim)]
-        # HOOI projects on the other factors, so they must be orthonormal: QR keeps their span.
-        for n in self.modes:
-            self.factors[n] = xp.linalg.qr(self.factors[n])[0]
-        self.core = params["core"]
-
-    def sweep(self) -> Params:
-        self.core = hooi_sweep(self.target, self.factors, self.spec.ranks) / self.scale
-        return self.params()
-
-    def params(self) -> Params:
-        out = {"core": self.core}
-        out.update({f"factor_{n}": self.factors[n] for n in self.modes})
-        return out
-
-
-class _CPALS(CPALS):
-    """:class:`~tucker_peft._decomp.CPALS` on a CP spec's params (λ carries the scale)."""
-
-    def __init__(self, xp: Any, spec: CP, target: Any, scale: float, params: Params) -> None:
-        super().__init__(xp, target, params["weights"] * scale, [params[f"factor_{n}"] for n in range(spec.ndim)])
-        self.scale = scale
-
-    def sweep(self) -> Params:  # type: ignore[override]
-        super().sweep()
-        return self.params()
-
-    def params(self) -> Params:
-        out = {"weights": self.weights / self.scale}
-        out.update({f"factor_{n}": f for n, f in enumerate(self.factors)})
-        return out
-
-
-class _LoRAALS:
-    """Alternating least squares for ``s·B@A ≈ T`` on the mode-0 unfolding."""
-
-    def __init__(self, xp: Any, spec: LoRA, target: Any, scale: float, params: Params) -> None:
-        self.xp, self.scale = xp, scale
-        self.t2 = xp.reshape(target, (spec.shape[0], -1))
-        self.b, self.a = params["B"], params["A"]
-
-    def sweep(self) -> Params:
-        xp, s, t2 = self.xp, self.scale, self.t2
-        at = xp.matrix_transpose(self.a)
-        self.b = xp.matmul(xp.matmul(t2, at), _sym_pinv(xp, xp.matmul(self.a, at))) / s
-        bt = xp.matrix_transpose(self.b)
-        self.a = xp.matmul(_sym_pinv(xp, xp.matmul(bt, self.b)), xp.matmul(bt, t2)) / s
-        return {"B": self.b, "A": self.a}
 
 
 def _adam(xp: Any, spec: Parametrization, target: Any, scale: float, params: Params, err: _Error, steps: int,

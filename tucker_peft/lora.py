@@ -10,7 +10,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import numpy as np
 
 from ._base import Parametrization, Params, check_rank, check_shape, register
-from ._decomp import leading_left_singular
+from ._decomp import leading_left_singular, sym_pinv as _sym_pinv
 from ._namespace import ArrayContext, namespace
 from ._errors import TuckerPeftError
 
@@ -60,6 +60,10 @@ class LoRA(Parametrization):
     def zero_block_size(self) -> int:
         """B."""
         return self.shape[0] * self.rank
+
+    def als_solver(self, target: Any, scale: float, params: Mapping[str, Any]) -> Any:
+        """Sweeps solving B, then A, by least squares."""
+        return _LoRAALS(namespace(target), self, target, scale, dict(params))
 
     def factored(self, params: Mapping[str, Any], scale: Any = 1.0) -> tuple[Any, Any, Any, int] | None:
         """``(B, s·A as (r, *shape[1:]), None, 1)``."""
@@ -148,3 +152,20 @@ class LoRA(Parametrization):
 
 
 register("lora", LoRA)
+
+
+class _LoRAALS:
+    """Alternating least squares for ``s·B@A ≈ T`` on the mode-0 unfolding."""
+
+    def __init__(self, xp: Any, spec: LoRA, target: Any, scale: float, params: Params) -> None:
+        self.xp, self.scale = xp, scale
+        self.t2 = xp.reshape(target, (spec.shape[0], -1))
+        self.b, self.a = params["B"], params["A"]
+
+    def sweep(self) -> Params:
+        xp, s, t2 = self.xp, self.scale, self.t2
+        at = xp.matrix_transpose(self.a)
+        self.b = xp.matmul(xp.matmul(t2, at), _sym_pinv(xp, xp.matmul(self.a, at))) / s
+        bt = xp.matrix_transpose(self.b)
+        self.a = xp.matmul(_sym_pinv(xp, xp.matmul(bt, self.b)), xp.matmul(bt, t2)) / s
+        return {"B": self.b, "A": self.a}

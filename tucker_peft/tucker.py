@@ -11,7 +11,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import numpy as np
 
 from ._base import Parametrization, Params, check_rank, check_shape, mode_ranks, register
-from ._decomp import hooi, hosvd
+from ._decomp import hooi, hooi_sweep, hosvd
 from ._namespace import ArrayContext, namespace
 from ._planner import contract
 from ._errors import RankError, TuckerPeftError
@@ -71,6 +71,10 @@ class Tucker(Parametrization):
 
     def matched_scale(self) -> float:
         return self.orthonormal_matched_scale()
+
+    def als_solver(self, target: Any, scale: float, params: Mapping[str, Any]) -> Any:
+        """HOOI sweeps (each factor the leading singular vectors of the target projected on the others)."""
+        return _TuckerALS(namespace(target), self, target, scale, dict(params))
 
     def factored(self, params: Mapping[str, Any], scale: Any = 1.0) -> tuple[Any, Any, Any, int] | None:
         """``(U_0, s·G ×_k U_k for k ≥ 2, U_1, 1)``; a None rank gives a None projection."""
@@ -276,3 +280,25 @@ class Tucker2(Tucker):
 
 register("tucker", Tucker)
 register("tucker2", Tucker2)
+
+
+class _TuckerALS:
+    """HOOI sweeps on orthonormalised factors."""
+
+    def __init__(self, xp: Any, spec: Tucker, target: Any, scale: float, params: Params) -> None:
+        self.xp, self.spec, self.target, self.scale = xp, spec, target, scale
+        self.modes = [n for n, r in enumerate(spec.ranks) if r is not None]
+        self.factors: list[Any] = [params.get(f"factor_{n}") for n in range(spec.ndim)]
+        # HOOI projects on the other factors, so they must be orthonormal: QR keeps their span.
+        for n in self.modes:
+            self.factors[n] = xp.linalg.qr(self.factors[n])[0]
+        self.core = params["core"]
+
+    def sweep(self) -> Params:
+        self.core = hooi_sweep(self.target, self.factors, self.spec.ranks) / self.scale
+        return self.params()
+
+    def params(self) -> Params:
+        out = {"core": self.core}
+        out.update({f"factor_{n}": self.factors[n] for n in self.modes})
+        return out
