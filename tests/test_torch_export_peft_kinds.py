@@ -154,3 +154,12 @@ def test_parameter_adapter_and_hosvd_are_refused(tmp_path):
     with pytest.raises(TuckerPeftError, match="hosvd"):
         export_peft(m, tmp_path / "h")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("other", ["lokr", "tucker"])
+def test_mixed_formats_in_one_adapter_are_refused(tmp_path, other):
+    m = inject(_base(), AdapterConfig(kind="loha", ranks=2, target_modules=["fc"]))
+    inject(m, AdapterConfig(kind=other, ranks=1, target_modules=["conv"]))  # same adapter name, another kind
+    with pytest.raises(TuckerPeftError, match="mixes kinds"):
+        export_peft(m, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

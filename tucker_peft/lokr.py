@@ -199,7 +199,7 @@ class LoKr(Parametrization):
         first = "w1" if self.full_w1 else "w1_a"
         tensors = {"lokr_" + name: (v * scale if name == first else v) for name, v in params.items()}
         if not self.full_w2:
-            _, b, _, d = self.blocks
+            d = self.blocks[3]
             tensors["lokr_w2_b"] = xp.reshape(tensors["lokr_w2_b"], (self.rank, d * math.prod(self.shape[2:])))
         return tensors, {"peft_type": "LOKR", "r": self.rank, "alpha": self.rank, "decompose_both": self.decompose_both,
                          "decompose_factor": self.factor, "use_effective_conv2d": False}
