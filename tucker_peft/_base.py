@@ -201,6 +201,7 @@ class Parametrization(ABC):
       used by a binding's factorised forward (``None``: rebuild ΔW);
     - :meth:`lora_factors` — exact LoRA factors for export (``None`` and
       :attr:`lora_note` when there are none);
+    - :meth:`peft_state` — the kind's own PEFT format (``None``: export as LoRA);
     - :meth:`describe_ranks` — the ranks as shown in summaries and the CLI.
 
     Reconstruction, vjp, application and the FLOP model are derived from
@@ -322,6 +323,16 @@ class Parametrization(ABC):
         and ``mg > 1`` means S is block-diagonal in ``mg`` groups (CP's
         diagonal). ``scale`` is folded into S. None (the default) means the
         kind has no such form: bindings rebuild ΔW.
+        """
+        return None
+
+    def peft_state(self, params: Mapping[str, Any], scale: Any = 1.0) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The kind's own PEFT format: ``(tensors, fields)``, or None (export as LoRA).
+
+        ``tensors`` maps PEFT's layer attribute names (e.g. ``'hada_w1_a'``) to
+        arrays holding ``scale · ΔW`` exactly; ``fields`` are the PEFT config
+        fields, with ``'peft_type'``, ``'r'`` and ``'alpha'`` (per layer) and
+        any others, which must agree across the layers of one adapter.
         """
         return None
 

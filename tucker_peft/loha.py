@@ -113,6 +113,18 @@ class LoHa(Parametrization):
         s = xp.reshape(params["w1_b"][:, None, :] * (params["w2_b"] * scale)[None, :, :], (r * r, *self.shape[1:]))
         return p_out, s, None, 1
 
+    def peft_state(self, params: Mapping[str, Any], scale: Any = 1.0) -> tuple[dict[str, Any], dict[str, Any]]:
+        """PEFT's LoHa (``use_effective_conv2d=False``): ``hada_w1_a (out, r)``, ``hada_w1_b (r, k)``,
+        ``hada_w2_a (out, r)``, ``hada_w2_b (r, k)`` with ``k = Π shape[1:]``; s folded into ``hada_w2_b``
+        and ``alpha = r`` (PEFT's scaling alpha/r = 1).
+        """
+        xp = namespace(params["w1_a"])
+        o, r, k = self.shape[0], self.rank, self._k(self.shape)
+        tensors = {"hada_w1_a": xp.reshape(params["w1_a"], (o, r)), "hada_w1_b": xp.reshape(params["w1_b"], (r, k)),
+                   "hada_w2_a": xp.reshape(params["w2_a"], (o, r)),
+                   "hada_w2_b": xp.reshape(params["w2_b"] * scale, (r, k))}
+        return tensors, {"peft_type": "LOHA", "r": r, "alpha": r, "use_effective_conv2d": False}
+
     @classmethod
     def budget_family(cls, shape: tuple[int, ...], **unknown: Any) -> tuple[Callable[[int], "Parametrization"], int]:
         """``f(t) = LoHa(shape, t)``."""

@@ -179,6 +179,31 @@ class LoKr(Parametrization):
         w2 = "x".join(map(str, (b, d, *self.shape[2:]))) + ("" if self.full_w2 else f"@r{self.rank}")
         return f"{w1} kron {w2}"
 
+    def peft_state(self, params: Mapping[str, Any], scale: Any = 1.0) -> tuple[dict[str, Any], dict[str, Any]]:
+        """PEFT's LoKr (``use_effective_conv2d=False``): ``lokr_w1`` or ``lokr_w1_a``/``lokr_w1_b``, and
+        ``lokr_w2 (b, d, *kernel)`` or ``lokr_w2_a (b, r)``/``lokr_w2_b (r, d·Πkernel)``, by PEFT's rule on
+        the same r; s folded into W1's first factor and ``alpha = r`` (PEFT's scaling alpha/r = 1).
+
+        Raises
+        ------
+        TuckerPeftError
+            For a 3-D weight (Conv1d) with a full W2: PEFT's ``torch.kron`` of
+            ``(a, c)`` and ``(b, d, k)`` lays ΔW out as ``(b, a·d, c·k)``, not
+            as this kind's ``(a·b, c·d, k)``.
+        """
+        if self.ndim == 3 and self.full_w2:
+            raise TuckerPeftError(f"LoKr of shape {fmt_shape(self.shape)} (rank {self.rank}) has a full 3-D W2, which "
+                                  "PEFT's Conv1d LoKr lays out differently (torch.kron of (a, c) and (b, d, k) is "
+                                  "(b, a·d, c·k)); a rank below max(b, d)/2 exports exactly")
+        xp = namespace(next(iter(params.values())))
+        first = "w1" if self.full_w1 else "w1_a"
+        tensors = {"lokr_" + name: (v * scale if name == first else v) for name, v in params.items()}
+        if not self.full_w2:
+            d = self.blocks[3]
+            tensors["lokr_w2_b"] = xp.reshape(tensors["lokr_w2_b"], (self.rank, d * math.prod(self.shape[2:])))
+        return tensors, {"peft_type": "LOKR", "r": self.rank, "alpha": self.rank, "decompose_both": self.decompose_both,
+                         "decompose_factor": self.factor, "use_effective_conv2d": False}
+
     # -- init ------------------------------------------------------------------
     def initialize(self, method: str, ctx: ArrayContext, rng: np.random.Generator, tensor: Any,
                    scale: float, options: dict[str, Any]) -> Params:

@@ -12,7 +12,7 @@ path (``target_parameters``) through ``torch.nn.utils.parametrize``.
 
 from ._combine import add_weighted_adapter
 from ._config import AdapterConfig
-from ._export import export_peft_lora, lora_factors
+from ._export import export_peft, export_peft_lora, lora_factors
 from ._io import load_adapter, save_adapter
 from ._layers import AdaptedLayer, DeltaParametrization, DeltaWeight
 from ._model import (Summary, active_adapter, adapted_layers, adapter_names, add_adapter, delete_adapter,
@@ -37,6 +37,7 @@ __all__ = [
     "merge_and_unload",
     "save_adapter",
     "load_adapter",
+    "export_peft",
     "export_peft_lora",
     "lora_factors",
     "trainable_parameters",

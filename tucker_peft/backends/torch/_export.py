@@ -33,9 +33,18 @@ from ._io import _deltas, _resolve_name, _write_json, _write_tensors
 from ._layers import AdaptedLayer, DeltaParametrization, DeltaWeight
 from ._model import _named_weights, extra_trainable
 
-__all__ = ["export_peft_lora", "lora_factors"]
+__all__ = ["export_peft", "export_peft_lora", "lora_factors"]
 
 _Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+def _check_extra(model: nn.Module, deltas: list, ignore_trainable: bool, fmt: str) -> None:
+    """Refuse base parameters trained with the adapter: PEFT's adapter formats have no place for them."""
+    config = deltas[0][2].config
+    extra = extra_trainable(model, config.trainable) if config is not None else {}
+    if extra and not ignore_trainable:
+        raise TuckerPeftError(f"model: base parameters {sorted(extra)[:5]} were trained with the adapter and PEFT's "
+                              f"{fmt} format has no place for them; use save_adapter, or pass ignore_trainable=True")
 
 
 def _smallest(b: torch.Tensor, a: torch.Tensor) -> _Pair:
@@ -226,11 +235,7 @@ def export_peft_lora(model: nn.Module, path: str | os.PathLike, adapter_name: st
     """
     name = _resolve_name(model, adapter_name)
     deltas = _deltas(model, name)
-    config = deltas[0][2].config
-    extra = extra_trainable(model, config.trainable) if config is not None else {}
-    if extra and not ignore_trainable:
-        raise TuckerPeftError(f"model: base parameters {sorted(extra)[:5]} were trained with the adapter and PEFT's "
-                              "LoRA format has no place for them; use save_adapter, or pass ignore_trainable=True")
+    _check_extra(model, deltas, ignore_trainable, "LoRA")
     layer_modules = {h.layer_name for _, h, _ in deltas if isinstance(h, AdaptedLayer)}
     param_paths = [p for p, h, _ in deltas if isinstance(h, DeltaParametrization)]
     for p in param_paths:
@@ -268,8 +273,7 @@ def export_peft_lora(model: nn.Module, path: str | os.PathLike, adapter_name: st
         ranks[key] = r // d.spec.shape[0] if isinstance(h, DeltaParametrization) and d.spec.ndim == 3 else r
         sizes.append((key, sum(v.numel() for v in pair.values()), math.prod(d.spec.shape)))
     _warn_size(sizes)
-    r0 = max(set(ranks.values()), key=list(ranks.values()).count)
-    pattern = {"^" + re.escape(m): r for m, r in ranks.items() if r != r0}
+    r0, pattern = _anchored(ranks)
     modules = sorted(m for m in ranks if m in layer_modules)
     peft_config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
@@ -305,3 +309,114 @@ def _check_param(model: nn.Module, path: str, layer_modules: set[str]) -> None:
     if len(shape) not in (2, 3):
         raise TuckerPeftError(f"{path!r}: PEFT's ParamWrapper takes 2-D (out, in) and 3-D (experts, ·, ·) "
                               f"parameters, got shape {fmt_shape(shape)}")
+
+
+def _anchored(ranks: dict[str, int]) -> tuple[int, dict[str, int]]:
+    """The most common rank and an anchored (``^name``) pattern for the other modules."""
+    r0 = max(set(ranks.values()), key=list(ranks.values()).count)
+    return r0, {"^" + re.escape(m): r for m, r in ranks.items() if r != r0}
+
+
+def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, *,
+                ignore_trainable: bool = False) -> str:
+    """Write the adapter in PEFT's own format for its kind (exact); returns the ``peft_type`` written.
+
+    A kind with its own PEFT format (:meth:`~tucker_peft.Parametrization.peft_state`:
+    LoHa → ``'LOHA'``, LoKr → ``'LOKR'``) is written in it; every other kind
+    through :func:`export_peft_lora` (``'LORA'``). ``peft.PeftModel.from_pretrained(base_model, path)``
+    then gives the same outputs. In LoHa / LoKr the scale is folded into one
+    factor and ``alpha = r`` per layer; ``r`` (which fixes PEFT's tensor
+    shapes) is the kind's rank, with anchored ``rank_pattern`` / ``alpha_pattern``
+    keys for layers whose rank differs from the most common one.
+
+    Parameters
+    ----------
+    model : nn.Module
+    path : str or PathLike
+        Directory for ``adapter_config.json`` and ``adapter_model.safetensors``.
+    adapter_name : str, optional
+        Default: the active adapter.
+    ignore_trainable : bool
+        Leave out base parameters trained with the adapter instead of refusing.
+
+    Returns
+    -------
+    str
+        ``'LORA'``, ``'LOHA'`` or ``'LOKR'``.
+
+    Raises
+    ------
+    TuckerPeftError
+        When the adapter mixes kinds of different PEFT formats; for LoHa / LoKr
+        on what PEFT's LoHa / LoKr layers cannot hold: other layers than
+        ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` (Embedding, Conv3d,
+        transformers' Conv1D, parameter adapters), a conv ``padding_mode``
+        other than ``'zeros'``, an ``init='hosvd'`` adapter (its start ΔW₀ is
+        subtracted, which these formats cannot), layers whose non-rank fields
+        differ (LoKr's ``factor`` / ``decompose_both`` are global in PEFT), a
+        Conv1d LoKr with a full W2; extra trained base parameters unless
+        ``ignore_trainable``; and what :func:`export_peft_lora` refuses.
+        Nothing is written then.
+    """
+    name = _resolve_name(model, adapter_name)
+    deltas = _deltas(model, name)
+    states = [d.spec.peft_state({k: v.detach().double() for k, v in d.params.items()}, d.scale) if d.spec.ndim >= 2
+              else None for _, _, d in deltas]
+    types = {st[1]["peft_type"] if st is not None else "LORA" for st in states}
+    if len(types) > 1:
+        kinds = sorted({d.spec.kind for _, _, d in deltas})
+        raise TuckerPeftError(f"export_peft: adapter {name!r} mixes kinds {kinds} whose PEFT formats differ "
+                              f"({sorted(types)}); a PEFT adapter has one type. Use save_adapter, or one kind")
+    (peft_type,) = types
+    if peft_type == "LORA":
+        export_peft_lora(model, path, name, ignore_trainable=ignore_trainable)
+        return peft_type
+    _check_extra(model, deltas, ignore_trainable, peft_type)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    shared: dict[str, object] | None = None
+    for (p, h, d), (ts, fields) in zip(deltas, states):
+        key = _native_layer(p, h, d, peft_type)
+        dt = h.base_layer.weight.dtype
+        for k, v in ts.items():
+            tensors[f"base_model.model.{key}.{k}"] = v.to("cpu", dt).contiguous()
+        ranks[key] = fields["r"]
+        if fields["alpha"] != fields["r"]:
+            raise TuckerPeftError(f"{key!r}: peft_state of kind {d.spec.kind!r} gave alpha {fields['alpha']} != r "
+                                  f"{fields['r']}; export_peft folds the scale into the tensors and needs alpha = r")
+        rest = {k: v for k, v in fields.items() if k not in ("r", "alpha")}
+        if shared is None:
+            shared = rest
+        elif rest != shared:
+            raise TuckerPeftError(f"{key!r}: PEFT's {peft_type} config holds one value of {sorted(rest)} for all "
+                                  f"layers, but this layer has {rest} and another {shared}; use save_adapter")
+    r0, pattern = _anchored(ranks)
+    peft_config = {
+        "task_type": None, "base_model_name_or_path": None, "inference_mode": True, **(shared or {}),
+        "r": r0, "alpha": r0, "rank_dropout": 0.0, "module_dropout": 0.0,
+        "target_modules": "|".join(re.escape(m) for m in sorted(ranks)), "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern), "init_weights": True, "modules_to_save": None,
+    }
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    _write_tensors(os.path.join(path, "adapter_model.safetensors"), tensors, {"format": "pt"})
+    _write_json(os.path.join(path, "adapter_config.json"), peft_config)
+    return peft_type
+
+
+def _native_layer(path: str, h: object, d: DeltaWeight, peft_type: str) -> str:
+    """The module key of a layer PEFT's LoHa / LoKr can hold exactly; refuses the rest with the reason."""
+    if not isinstance(h, AdaptedLayer):
+        raise TuckerPeftError(f"{path!r}: PEFT's {peft_type} has no parameter adapters (target_parameters); "
+                              "use save_adapter, or adapt the module")
+    key, base = h.layer_name, h.base_layer
+    if h.fan_in_fan_out or not isinstance(base, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        raise TuckerPeftError(f"{key!r}: PEFT's {peft_type} adapts nn.Linear, nn.Conv1d and nn.Conv2d only, got "
+                              f"{type(base).__name__}; use save_adapter")
+    if isinstance(base, (nn.Conv1d, nn.Conv2d)) and base.padding_mode != "zeros":
+        raise TuckerPeftError(f"{key!r}: PEFT's {peft_type} conv applies F.conv with zero padding, so it cannot hold "
+                              f"padding_mode={base.padding_mode!r} exactly")
+    if d.has_init:
+        raise TuckerPeftError(f"{key!r}: an init='hosvd' adapter's change is f(params) - f(start), which PEFT's "
+                              f"{peft_type} format cannot hold; use export_peft_lora (exact by stacking) or save_adapter")
+    return key
