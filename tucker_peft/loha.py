@@ -10,7 +10,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import numpy as np
 
 from ._base import Parametrization, Params, check_rank, check_shape, register
-from ._dispatch import ArrayContext, namespace
+from ._namespace import ArrayContext, namespace
 from ._errors import TuckerPeftError
 
 __all__ = ["LoHa"]

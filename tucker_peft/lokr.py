@@ -12,7 +12,7 @@ from array_api_compat import device
 
 from ._base import Parametrization, Params, check_rank, check_shape, register
 from ._decomp import leading_left_singular
-from ._dispatch import ArrayContext, namespace
+from ._namespace import ArrayContext, namespace
 from ._errors import TuckerPeftError, fmt_shape
 
 __all__ = ["LoKr", "factorization"]
