@@ -6,11 +6,10 @@ core's reconstruct, itself tested against dense formulas elsewhere), run through
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import pytest

@@ -15,10 +15,13 @@ _MARKERS = "osD^vP*Xh"
 
 def save_figure(plt: Any, fig: Any, path: str) -> str:
     """Write ``fig`` to ``path`` through a temporary file and a rename; return ``path``."""
+    from .._format import atomic_write  # the package's one atomic writer
+
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -244,10 +244,9 @@ class Results:
 
 
 def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from .._format import atomic_write  # the package's one atomic writer
+
+    atomic_write(path, text.encode("utf-8"))
 
 
 def _write_csv(path: str, rows: list[dict[str, Any]], fields: Sequence[str]) -> None:
