@@ -330,8 +330,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
                             f"(trainable={config.trainable!r}), or the model has no such parameter")
         elif t.dtype != p.dtype:
             problems.append(f"{k}: expected dtype {str(p.dtype).replace('torch.', '')}, got {str(t.dtype).replace('torch.', '')}")
-        elif _check_tensor(k, t, tuple(p.shape), allow_nonfinite, problems, nonfinite):
-            touched.append(p)
+        else:  # the values go into the adapter's own copy (adapter_extras), never into the base parameter
+            _check_tensor(k, t, tuple(p.shape), allow_nonfinite, problems, nonfinite)
     extra = sorted(set(tensors) - used)
     if extra:
         problems.append(f"unexpected tensors in the file: {extra[:5]}{' ...' if len(extra) > 5 else ''}")
