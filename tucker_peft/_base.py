@@ -202,7 +202,9 @@ class Parametrization(ABC):
     - :meth:`lora_factors` — exact LoRA factors for export (``None`` and
       :attr:`lora_note` when there are none);
     - :meth:`peft_state` — the kind's own PEFT format (``None``: export as LoRA);
-    - :meth:`describe_ranks` — the ranks as shown in summaries and the CLI.
+    - :meth:`describe_ranks` — the ranks as shown in summaries and the CLI;
+    - :meth:`member` / :meth:`slice` — one member's spec and params in a
+      cross-layer stack (default: a generic slice of :meth:`terms`).
 
     Reconstruction, vjp, application and the FLOP model are derived from
     :meth:`terms` here.
@@ -285,25 +287,79 @@ class Parametrization(ABC):
         params = self.init("zero", seed=0)
         return sum(int(v.size) for v in params.values() if not np.any(v))
 
-    def matched_scale(self) -> float:
+    def matched_scale(self, lead: int = 0) -> float:
         """The factor ``scale_rule='matched'`` multiplies alpha by; 1 by default.
 
         Kinds whose ``'zero'`` init can put orthonormal factors next to the
         zero block (``init('zero', orthonormal=True)``: Tucker, CP, TT) return
-        :meth:`orthonormal_matched_scale`.
+        :meth:`orthonormal_matched_scale`. ``lead > 0``: the spec is a
+        cross-layer stack whose first ``lead`` modes index its members
+        (see :meth:`member`); bindings pass it only then.
         """
         return 1.0
 
-    def orthonormal_matched_scale(self) -> float:
-        """√(out·r_L/3) / √n₀, n₀ = :attr:`zero_block_size`, r_L the LoRA rank of the same budget.
+    def orthonormal_matched_scale(self, lead: int = 0) -> float:
+        """√(M·out·r_L/3) / √n₀, n₀ = :attr:`zero_block_size`, r_L the LoRA rank of the same budget.
 
         With orthonormal factors, a sign step of size lr on the n₀ zero
         entries changes ΔW by lr·√n₀ in Frobenius norm; PEFT's LoRA
-        (B = 0, A ~ U(±1/√K)) by lr·√(out·r_L/3).
+        (B = 0, A ~ U(±1/√K)) by lr·√(out·r_L/3) on each of the M members
+        (M = Π shape[:lead], 1 for a single layer), whose weights are
+        ``shape[lead:]``.
         """
-        out, k = self.shape[0], math.prod(self.shape[1:])
-        r_lora = self.num_params / (out + k)
-        return math.sqrt(out * r_lora / 3.0) / math.sqrt(max(1, self.zero_block_size))
+        lead = check_int(lead, "lead", 0, self.ndim - 1)
+        m, out, k = math.prod(self.shape[:lead]), self.shape[lead], math.prod(self.shape[lead + 1:])
+        r_lora = self.num_params / (m * (out + k))
+        return math.sqrt(m * out * r_lora / 3.0) / math.sqrt(max(1, self.zero_block_size))
+
+    def member(self, lead: int) -> "Parametrization":
+        """The spec of one slice ``ΔW[i_0, …, i_{lead-1}]`` of a stacked ΔW (shape ``shape[lead:]``).
+
+        A cross-layer adapter stacks its members' weights along ``lead``
+        leading modes; each member computes with its slice, whose params
+        :meth:`slice` gives. The default is a generic slice of :meth:`terms`
+        (no :meth:`factored` form, so bindings rebuild the member's ΔW);
+        kinds whose slices are again of their own kind (Tucker, CP, TT)
+        override this and :meth:`slice` together.
+        """
+        lead = check_int(lead, "lead", 0, self.ndim - 1)
+        if lead == 0:
+            return self
+        from ._slice import term_slice
+
+        return term_slice(self, lead)
+
+    def slice(self, params: Mapping[str, Any], index: Sequence[int]) -> Params:
+        """Params of :meth:`member` ``(len(index))`` for the slice at ``index``.
+
+        ``member.reconstruct(out, s)`` equals ``reconstruct(params, s)[index]``,
+        without forming ΔW: the cost is that of one member. Differentiable in
+        autograd libraries (the results are views and contractions of
+        ``params``).
+
+        Parameters
+        ----------
+        params : dict of str to array
+            Of :attr:`param_shapes`.
+        index : tuple of int
+            One index per leading mode, ``0 <= index[n] < shape[n]``.
+        """
+        index = self.check_index(index)
+        if not index:
+            return dict(params)
+        from ._slice import slice_terms
+
+        return slice_terms(self, params, index)
+
+    def check_index(self, index: Any) -> tuple[int, ...]:
+        """Validate a member index: fewer ints than modes, each within its mode."""
+        if isinstance(index, (int, np.integer)) and not isinstance(index, bool):
+            index = (index,)
+        if isinstance(index, (str, bytes)) or not isinstance(index, Sequence) or len(index) >= self.ndim:
+            raise TuckerPeftError(f"index: expected a tuple of fewer than {self.ndim} ints (one per leading mode of "
+                                  f"shape {fmt_shape(self.shape)}), got {index!r}")
+        return tuple(check_int(i, f"index[{n}] (mode of size {d})", 0, d - 1)
+                     for n, (i, d) in enumerate(zip(index, self.shape)))
 
     def als_solver(self, target: Any, scale: float, params: Mapping[str, Any]) -> Any:
         """Alternating least squares fitting ``scale · ΔW ≈ target`` for ``fit(method='als')``, or None.

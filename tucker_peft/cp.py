@@ -61,8 +61,8 @@ class CP(Parametrization):
         """λ."""
         return self.rank
 
-    def matched_scale(self) -> float:
-        return self.orthonormal_matched_scale()
+    def matched_scale(self, lead: int = 0) -> float:
+        return self.orthonormal_matched_scale(lead)
 
     def als_solver(self, target: Any, scale: float, params: Mapping[str, Any]) -> Any:
         """CP-ALS sweeps (each factor by least squares against the Khatri-Rao product of the others)."""

@@ -215,8 +215,8 @@ class TT(Parametrization):
         """The last core."""
         return math.prod(self.param_shapes[f"core_{len(self.cores) - 1}"])
 
-    def matched_scale(self) -> float:
-        return self.orthonormal_matched_scale()
+    def matched_scale(self, lead: int = 0) -> float:
+        return self.orthonormal_matched_scale(lead)
 
     def describe_ranks(self) -> str:
         bonds = ",".join(map(str, self.ranks)) or "-"

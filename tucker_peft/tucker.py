@@ -69,8 +69,8 @@ class Tucker(Parametrization):
         """The core."""
         return math.prod(self.core_shape)
 
-    def matched_scale(self) -> float:
-        return self.orthonormal_matched_scale()
+    def matched_scale(self, lead: int = 0) -> float:
+        return self.orthonormal_matched_scale(lead)
 
     def als_solver(self, target: Any, scale: float, params: Mapping[str, Any]) -> Any:
         """HOOI sweeps (each factor the leading singular vectors of the target projected on the others)."""
