@@ -289,6 +289,10 @@ def test_merge_unmerge_merge_and_unload():
     y = model(x)
     merge(model)
     torch.testing.assert_close(model(x), y, rtol=1e-10, atol=1e-12)
+    plain = _net().state_dict()  # state_dict keeps the plain model's base weights while merged
+    got = model.state_dict()
+    for k in plain:
+        torch.testing.assert_close(got[k], plain[k], rtol=1e-12, atol=1e-12)
     unmerge(model)
     torch.testing.assert_close(model(x), y, rtol=1e-10, atol=1e-12)
     plain = merge_and_unload(model)
@@ -440,7 +444,13 @@ def _fsdp_worker(rank: int, world: int, out: str) -> None:
         with torch.no_grad():
             y = model(_x())
         save_adapter(model, os.path.join(out, "ad"))
-        torch.save({"y": y}, os.path.join(out, f"r{rank}.pt"))
+        with torch.no_grad():  # load back into the sharded model: the group's values are scattered into its shards
+            for p in _group(model).params.values():
+                p.zero_()
+        load_adapter(model, os.path.join(out, "ad"))
+        with torch.no_grad():
+            y2 = model(_x())
+        torch.save({"y": y, "y2": y2}, os.path.join(out, f"r{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -468,6 +478,7 @@ def test_fsdp2_trains_the_group_and_saves_it_once(tmp_path):
     _spawn(_fsdp_worker, tmp_path)
     r0, r1 = torch.load(tmp_path / "r0.pt"), torch.load(tmp_path / "r1.pt")
     torch.testing.assert_close(r0["y"], r1["y"])
+    torch.testing.assert_close(r0["y2"], r0["y"])
     fresh = load_adapter(_net(), tmp_path / "ad")
     with torch.no_grad():
         torch.testing.assert_close(fresh(_x()), r0["y"])
