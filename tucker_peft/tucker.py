@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from dataclasses import dataclass
@@ -9,8 +10,9 @@ from functools import cached_property
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
+import opt_einsum
 
-from ._base import Parametrization, Params, check_rank, check_shape, mode_ranks, register
+from ._base import Parametrization, Params, check_int, check_rank, check_shape, mode_ranks, register
 from ._decomp import hooi, hooi_sweep, hosvd
 from ._namespace import ArrayContext, namespace
 from ._planner import contract
@@ -90,6 +92,32 @@ class Tucker(Parametrization):
         r0, r1 = self.ranks[:2]
         return (params["factor_0"] if r0 is not None else None, core * scale,
                 params["factor_1"] if r1 is not None else None, 1)
+
+    def member(self, lead: int) -> Parametrization:
+        """``Tucker(shape[lead:], ranks[lead:])``: a member of a stack keeps the Tucker form (and :meth:`factored`).
+
+        A Tucker-2 stack's member is a plain Tucker too: its leading (channel)
+        modes are the stack's, so the member factorises at most its first mode.
+        """
+        lead = check_int(lead, "lead", 0, self.ndim - 1)
+        return _tucker_member(self, lead) if lead else self
+
+    def slice(self, params: Mapping[str, Any], index: Sequence[int]) -> Params:
+        """The core contracted with row ``index[n]`` of each leading factor (indexed where a rank is None).
+
+        Cost ``O(Π core_shape)``; the trailing factors are the member's, renamed.
+        """
+        index = self.check_index(index)
+        if not index:
+            return dict(params)
+        self.check_params(params)
+        eq, key, rows, names = _tucker_slice_plan(self, len(index))
+        core = params["core"][tuple(index[n] if n in key else slice(None) for n in range(len(index))) + (...,)]
+        if rows:
+            core = contract(eq, core, *[params[f"factor_{n}"][index[n]] for n in rows])
+        out: Params = {"core": core}
+        out.update({new: params[old] for new, old in names})
+        return out
 
     @cached_property
     def core_shape(self) -> tuple[int, ...]:
@@ -199,6 +227,24 @@ class Tucker(Parametrization):
         shape = check_shape(shape)
         pinned = _pinned(shape, kernel, fixed)
         return _family(cls, shape, pinned, split)
+
+
+@functools.lru_cache(maxsize=1024)
+def _tucker_member(spec: Tucker, lead: int) -> Tucker:
+    return Tucker(spec.shape[lead:], spec.ranks[lead:], max_modes=spec.max_modes)
+
+
+@functools.lru_cache(maxsize=1024)
+def _tucker_slice_plan(spec: Tucker, lead: int) -> tuple[str, frozenset[int], tuple[int, ...], tuple[tuple[str, str], ...]]:
+    """``(einsum of the indexed core with the leading rows, unfactorised leading modes, factored ones, renames)``."""
+    key = frozenset(n for n in range(lead) if spec.ranks[n] is None)
+    rows = tuple(n for n in range(lead) if n not in key)
+    kept = [n for n in range(spec.ndim) if n not in key]  # the core's axes after indexing
+    sym = {n: opt_einsum.get_symbol(i) for i, n in enumerate(kept)}
+    eq = ",".join(["".join(sym[n] for n in kept)] + [sym[n] for n in rows]) + "->" + \
+        "".join(sym[n] for n in range(lead, spec.ndim))
+    names = tuple((f"factor_{n - lead}", f"factor_{n}") for n in range(lead, spec.ndim) if spec.ranks[n] is not None)
+    return eq, key, rows, names
 
 
 def _pinned(shape: tuple[int, ...], kernel: str, fixed: Mapping[int, int | None] | None) -> dict[int, int | None]:
