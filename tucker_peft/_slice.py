@@ -23,7 +23,7 @@ from ._base import Parametrization, Params
 from ._errors import TuckerPeftError
 from ._namespace import namespace
 
-__all__ = ["TermSlice", "slice_terms"]
+__all__ = ["TermSlice", "slice_terms", "fine_digits"]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -107,12 +107,26 @@ def term_slice(parent: Parametrization, lead: int) -> TermSlice:
     return TermSlice(parent.shape[lead:], parent=parent, lead=lead, max_modes=parent.max_modes)
 
 
+def fine_digits(spec: Parametrization, index: tuple[int, ...]) -> list[int]:
+    """The index of each factor of the leading modes (C order; one per mode unless a kind splits modes).
+
+    Plain integer arithmetic (not ``np.unravel_index``), which dynamo traces.
+    """
+    out: list[int] = []
+    for n, i in enumerate(index):
+        ds = []
+        for f in reversed(spec.split_shape[n]):
+            i, d = divmod(i, f)
+            ds.append(d)
+        out += reversed(ds)
+    return out
+
+
 def slice_terms(spec: Parametrization, params: Mapping[str, Any], index: tuple[int, ...]) -> Params:
     """Params of ``term_slice(spec, len(index))`` at ``index``: each operand indexed at the fixed letters."""
     xp = spec.check_params(params)
-    member = term_slice(spec, len(index))
-    # a mode split into factors (Kronecker, tensorised trains) fixes one index per factor, C order
-    digits = [np.unravel_index(i, spec.split_shape[n]) for n, i in enumerate(index)]
+    member = spec.member(len(index))
+    digits = fine_digits(spec, index)
     ops = spec._operands(xp, params)
     out: Params = {}
     for op, (name, axes, _, _) in zip(ops, member._plan):
@@ -121,6 +135,6 @@ def slice_terms(spec: Parametrization, params: Mapping[str, Any], index: tuple[i
             continue
         key: list[Any] = [slice(None)] * op.ndim
         for a, (n, j) in axes:
-            key[a] = int(digits[n][j])
+            key[a] = digits[spec._fine_start[n] + j]
         out[name] = op[tuple(key)]
     return out

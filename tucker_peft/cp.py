@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -88,7 +87,7 @@ class CP(Parametrization):
     def member(self, lead: int) -> Parametrization:
         """``CP(shape[lead:], rank)``; the generic slice where R exceeds the member's largest CP rank."""
         lead = check_int(lead, "lead", 0, self.ndim - 1)
-        return _cp_member(self, lead) if lead else self
+        return self.memo(("member", lead), lambda: _cp_member(self, lead)) if lead else self
 
     def slice(self, params: Mapping[str, Any], index: Sequence[int]) -> Params:
         """λ times the rows ``index[n]`` of the leading factors; the trailing factors renamed. Cost ``O(lead·R)``."""
@@ -167,7 +166,6 @@ class CP(Parametrization):
         return (lambda t: cls(shape, t)), max_cp_rank(shape)
 
 
-@functools.lru_cache(maxsize=1024)
 def _cp_member(spec: CP, lead: int) -> Parametrization:
     shape = spec.shape[lead:]
     if spec.rank > max_cp_rank(shape):  # e.g. a one-mode member: only rank 1 is a CP there

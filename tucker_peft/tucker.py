@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import sys
 from dataclasses import dataclass
@@ -100,7 +99,7 @@ class Tucker(Parametrization):
         modes are the stack's, so the member factorises at most its first mode.
         """
         lead = check_int(lead, "lead", 0, self.ndim - 1)
-        return _tucker_member(self, lead) if lead else self
+        return self.memo(("member", lead), lambda: _tucker_member(self, lead)) if lead else self
 
     def slice(self, params: Mapping[str, Any], index: Sequence[int]) -> Params:
         """The core contracted with row ``index[n]`` of each leading factor (indexed where a rank is None).
@@ -111,7 +110,7 @@ class Tucker(Parametrization):
         if not index:
             return dict(params)
         self.check_params(params)
-        eq, key, rows, names = _tucker_slice_plan(self, len(index))
+        eq, key, rows, names = self.memo(("slice", len(index)), lambda: _tucker_slice_plan(self, len(index)))
         core = params["core"][tuple(index[n] if n in key else slice(None) for n in range(len(index))) + (...,)]
         if rows:
             core = contract(eq, core, *[params[f"factor_{n}"][index[n]] for n in rows])
@@ -229,12 +228,10 @@ class Tucker(Parametrization):
         return _family(cls, shape, pinned, split)
 
 
-@functools.lru_cache(maxsize=1024)
 def _tucker_member(spec: Tucker, lead: int) -> Tucker:
     return Tucker(spec.shape[lead:], spec.ranks[lead:], max_modes=spec.max_modes)
 
 
-@functools.lru_cache(maxsize=1024)
 def _tucker_slice_plan(spec: Tucker, lead: int) -> tuple[str, frozenset[int], tuple[int, ...], tuple[tuple[str, str], ...]]:
     """``(einsum of the indexed core with the leading rows, unfactorised leading modes, factored ones, renames)``."""
     key = frozenset(n for n in range(lead) if spec.ranks[n] is None)
