@@ -9,12 +9,14 @@ from functools import cached_property
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
+import opt_einsum
 
 from ._base import Parametrization, Params, check_int, check_rank, check_shape, register
 from ._decomp import leading_left_singular
 from ._namespace import ArrayContext, namespace
 from ._planner import contract
 from ._errors import RankError, TuckerPeftError, fmt_shape
+from ._slice import fine_digits
 
 __all__ = ["TT", "balanced_factors"]
 
@@ -218,6 +220,32 @@ class TT(Parametrization):
     def matched_scale(self, lead: int = 0) -> float:
         return self.orthonormal_matched_scale(lead)
 
+    def member(self, lead: int) -> Parametrization:
+        """The train of the trailing cores with their bonds (``TT(shape[lead:], ranks[h:])``, h leading cores).
+
+        The generic slice where those bonds are past what the member's shape
+        allows (a bond the leading cores could fill but the member cannot).
+        """
+        lead = check_int(lead, "lead", 0, self.ndim - 1)
+        return self.memo(("member", lead), lambda: _tt_member(self, lead)) if lead else self
+
+    def slice(self, params: Mapping[str, Any], index: Sequence[int]) -> Params:
+        """The leading cores at their indices, contracted into a bond vector folded into the first trailing core.
+
+        A split leading mode fixes one index per factor (C order). Cost
+        ``O(Σ_k r_k² + r·m·r)`` for the leading cores and the first trailing one.
+        """
+        index = self.check_index(index)
+        if not index or not isinstance(self.member(len(index)), TT):
+            return super().slice(params, index)
+        self.check_params(params)
+        eq = self.memo(("slice", len(index)), lambda: _tt_slice_plan(self, len(index)))
+        h = self._fine_start[len(index)]
+        ops = [params[f"core_{k}"][:, d, :] for k, d in enumerate(fine_digits(self, index))]
+        out: Params = {"core_0": contract(eq, *ops, params[f"core_{h}"])}
+        out.update({f"core_{k - h}": params[f"core_{k}"] for k in range(h + 1, len(self.cores))})
+        return out
+
     def describe_ranks(self) -> str:
         bonds = ",".join(map(str, self.ranks)) or "-"
         if self.tensorize is None:
@@ -297,6 +325,22 @@ class TT(Parametrization):
         split = _normalize_tensorize(shape, tensorize) or tuple((d,) for d in shape)
         top = _max_bonds(tuple(f for fs in split for f in fs))
         return (lambda t: cls(shape, t, split)), max(top, default=1)
+
+
+def _tt_member(spec: TT, lead: int) -> Parametrization:
+    h, split = spec._fine_start[lead], spec.split_shape[lead:]
+    try:
+        return TT(spec.shape[lead:], spec.ranks[h:], tensorize=split if any(len(f) > 1 for f in split) else None,
+                  max_modes=spec.max_modes)
+    except RankError:
+        return Parametrization.member(spec, lead)
+
+
+def _tt_slice_plan(spec: TT, lead: int) -> str:
+    """``a b, b c, …, (r_h m r_{h+1}) -> a m r_{h+1}``: the leading cores' rows times the first trailing core."""
+    h, s = spec._fine_start[lead], opt_einsum.get_symbol
+    rows = [s(k) + s(k + 1) for k in range(h)]
+    return ",".join(rows + [s(h) + s(h + 2) + s(h + 1)]) + "->" + s(0) + s(h + 2) + s(h + 1)
 
 
 register("tt", TT)
