@@ -9,7 +9,6 @@ from functools import cached_property
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
-import opt_einsum
 
 from ._base import Parametrization, Params, check_int, check_rank, check_shape, register
 from ._decomp import leading_left_singular
@@ -238,11 +237,15 @@ class TT(Parametrization):
         index = self.check_index(index)
         if not index or not isinstance(self.member(len(index)), TT):
             return super().slice(params, index)
-        self.check_params(params)
-        eq = self.memo(("slice", len(index)), lambda: _tt_slice_plan(self, len(index)))
+        xp = self.check_params(params)
         h = self._fine_start[len(index)]
-        ops = [params[f"core_{k}"][:, d, :] for k, d in enumerate(fine_digits(self, index))]
-        out: Params = {"core_0": contract(eq, *ops, params[f"core_{h}"])}
+        digits = fine_digits(self, index)
+        v = params["core_0"][0, digits[0], :]  # (r_1,): the bond vector, one matrix-vector product per core
+        for k in range(1, h):
+            v = xp.matmul(v, params[f"core_{k}"][:, digits[k], :])
+        first = params[f"core_{h}"]
+        _, m, r = first.shape
+        out: Params = {"core_0": xp.reshape(xp.matmul(v, xp.reshape(first, (v.shape[0], m * r))), (1, m, r))}
         out.update({f"core_{k - h}": params[f"core_{k}"] for k in range(h + 1, len(self.cores))})
         return out
 
@@ -334,13 +337,6 @@ def _tt_member(spec: TT, lead: int) -> Parametrization:
                   max_modes=spec.max_modes)
     except RankError:
         return Parametrization.member(spec, lead)
-
-
-def _tt_slice_plan(spec: TT, lead: int) -> str:
-    """``a b, b c, …, (r_h m r_{h+1}) -> a m r_{h+1}``: the leading cores' rows times the first trailing core."""
-    h, s = spec._fine_start[lead], opt_einsum.get_symbol
-    rows = [s(k) + s(k + 1) for k in range(h)]
-    return ",".join(rows + [s(h) + s(h + 2) + s(h + 1)]) + "->" + s(0) + s(h + 2) + s(h + 1)
 
 
 register("tt", TT)

@@ -9,7 +9,6 @@ from functools import cached_property
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
-import opt_einsum
 
 from ._base import Parametrization, Params, check_int, check_rank, check_shape, mode_ranks, register
 from ._decomp import hooi, hooi_sweep, hosvd
@@ -104,16 +103,22 @@ class Tucker(Parametrization):
     def slice(self, params: Mapping[str, Any], index: Sequence[int]) -> Params:
         """The core contracted with row ``index[n]`` of each leading factor (indexed where a rank is None).
 
-        Cost ``O(Π core_shape)``; the trailing factors are the member's, renamed.
+        One matrix-vector product, ``O(Π core_shape)``; the trailing factors
+        are the member's, renamed.
         """
         index = self.check_index(index)
         if not index:
             return dict(params)
-        self.check_params(params)
-        eq, key, rows, names = self.memo(("slice", len(index)), lambda: _tucker_slice_plan(self, len(index)))
-        core = params["core"][tuple(index[n] if n in key else slice(None) for n in range(len(index))) + (...,)]
-        if rows:
-            core = contract(eq, core, *[params[f"factor_{n}"][index[n]] for n in rows])
+        xp = self.check_params(params)
+        key, rows, names, tail = self.memo(("slice", len(index)), lambda: _tucker_slice_plan(self, len(index)))
+        core = params["core"]
+        if key:
+            core = core[tuple(index[n] if n in key else slice(None) for n in range(len(index))) + (...,)]
+        if rows:  # the leading rows' outer product (Π r_n) times the core unfolded: one matrix product
+            v = params[f"factor_{rows[0]}"][index[rows[0]]]
+            for n in rows[1:]:
+                v = xp.reshape(v[:, None] * params[f"factor_{n}"][index[n]][None, :], (-1,))
+            core = xp.reshape(xp.matmul(v, xp.reshape(core, (v.shape[0], -1))), tail)
         out: Params = {"core": core}
         out.update({new: params[old] for new, old in names})
         return out
@@ -232,16 +237,13 @@ def _tucker_member(spec: Tucker, lead: int) -> Tucker:
     return Tucker(spec.shape[lead:], spec.ranks[lead:], max_modes=spec.max_modes)
 
 
-def _tucker_slice_plan(spec: Tucker, lead: int) -> tuple[str, frozenset[int], tuple[int, ...], tuple[tuple[str, str], ...]]:
-    """``(einsum of the indexed core with the leading rows, unfactorised leading modes, factored ones, renames)``."""
+def _tucker_slice_plan(spec: Tucker, lead: int) -> tuple[frozenset[int], tuple[int, ...], tuple[tuple[str, str], ...],
+                                                          tuple[int, ...]]:
+    """``(unfactorised leading modes, factored ones, renames, the member's core shape)``."""
     key = frozenset(n for n in range(lead) if spec.ranks[n] is None)
     rows = tuple(n for n in range(lead) if n not in key)
-    kept = [n for n in range(spec.ndim) if n not in key]  # the core's axes after indexing
-    sym = {n: opt_einsum.get_symbol(i) for i, n in enumerate(kept)}
-    eq = ",".join(["".join(sym[n] for n in kept)] + [sym[n] for n in rows]) + "->" + \
-        "".join(sym[n] for n in range(lead, spec.ndim))
     names = tuple((f"factor_{n - lead}", f"factor_{n}") for n in range(lead, spec.ndim) if spec.ranks[n] is not None)
-    return eq, key, rows, names
+    return key, rows, names, spec.core_shape[lead:]
 
 
 def _pinned(shape: tuple[int, ...], kernel: str, fixed: Mapping[int, int | None] | None) -> dict[int, int | None]:
