@@ -136,5 +136,5 @@ def slice_terms(spec: Parametrization, params: Mapping[str, Any], index: tuple[i
         key: list[Any] = [slice(None)] * op.ndim
         for a, (n, j) in axes:
             key[a] = digits[spec._fine_start[n] + j]
-        out[name] = op[tuple(key)]
+        out[name] = op[(*key, ...)]  # with the ellipsis NumPy keeps a 0-d array, not a scalar
     return out

@@ -97,7 +97,7 @@ class CP(Parametrization):
         self.check_params(params)
         w = params["weights"]
         for n, i in enumerate(index):
-            w = w * params[f"factor_{n}"][i]
+            w = w * params[f"factor_{n}"][i, :]
         out: Params = {"weights": w}
         out.update({f"factor_{n - len(index)}": params[f"factor_{n}"] for n in range(len(index), self.ndim)})
         return out

@@ -115,9 +115,9 @@ class Tucker(Parametrization):
         if key:
             core = core[tuple(index[n] if n in key else slice(None) for n in range(len(index))) + (...,)]
         if rows:  # the leading rows' outer product (Π r_n) times the core unfolded: one matrix product
-            v = params[f"factor_{rows[0]}"][index[rows[0]]]
+            v = params[f"factor_{rows[0]}"][index[rows[0]], :]
             for n in rows[1:]:
-                v = xp.reshape(v[:, None] * params[f"factor_{n}"][index[n]][None, :], (-1,))
+                v = xp.reshape(v[:, None] * params[f"factor_{n}"][index[n], :][None, :], (-1,))
             core = xp.reshape(xp.matmul(v, xp.reshape(core, (v.shape[0], -1))), tail)
         out: Params = {"core": core}
         out.update({new: params[old] for new, old in names})
