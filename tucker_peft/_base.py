@@ -327,7 +327,35 @@ class Parametrization(ABC):
             return self
         from ._slice import term_slice
 
-        return term_slice(self, lead)
+        return self.memo(("member", lead), lambda: term_slice(self, lead))
+
+    def memo(self, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()``, once per spec and hashable ``key``, kept on the spec (member specs, slice plans).
+
+        Specs are immutable, so what derives from them is too. Kept on the
+        spec rather than in a global cache, it is read by ``torch.compile``
+        without tracing ``build`` (dynamo bypasses ``functools.lru_cache``),
+        once built eagerly; this spec and any spec it returns get their
+        cached properties filled for the same reason.
+        """
+        store = self.__dict__.get("_memo")
+        if store is None:
+            self.fill_cached()
+            store = self.__dict__["_memo"] = {}
+        got = store.get(key)
+        if got is None:
+            got = build()
+            if isinstance(got, Parametrization):
+                got.fill_cached()
+            store[key] = got
+        return got
+
+    def fill_cached(self) -> None:
+        """Compute every ``cached_property`` now, so that traced code (dynamo) only reads them."""
+        for cls in type(self).__mro__:
+            for name, v in vars(cls).items():
+                if isinstance(v, cached_property) and name not in self.__dict__:
+                    getattr(self, name)
 
     def slice(self, params: Mapping[str, Any], index: Sequence[int]) -> Params:
         """Params of :meth:`member` ``(len(index))`` for the slice at ``index``.
@@ -600,7 +628,8 @@ class Parametrization(ABC):
         scale = check_scale(scale)
         if scale == 1:
             return None, ops
-        k = min(range(len(ops)), key=lambda i: math.prod(ops[i].shape))
+        sizes = [math.prod(op.shape) for op in ops]  # not min(key=...): dynamo traces this
+        k = sizes.index(min(sizes))
         ops = list(ops)
         ops[k] = ops[k] * scale
         return k, ops
