@@ -268,7 +268,7 @@ def export_peft_lora(model: nn.Module, path: str | os.PathLike, adapter_name: st
             pair = {"lora_A.weight": a, "lora_B.weight": b}
             key, prefix = p, f"base_model.model.{prefixes[p]}"
         for k, v in pair.items():
-            tensors[f"{prefix}.{k}"] = v.to("cpu", dt).contiguous()
+            tensors[f"{prefix}.{k}"] = v.to("cpu", dt, copy=True).contiguous()  # stack members share factors
         r = next(iter(pair.values())).shape[0]  # lora_A (r, ...) or lora_embedding_A (r, num)
         ranks[key] = r // d.spec.shape[0] if isinstance(h, DeltaParametrization) and d.spec.ndim == 3 else r
         sizes.append((key, sum(v.numel() for v in pair.values()), math.prod(d.spec.shape)))
