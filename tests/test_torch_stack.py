@@ -133,6 +133,14 @@ def test_member_slice_equals_the_slice_of_the_stacked_reconstruction(kind):
     assert sd.members["layers.2.k.weight"] == (2, 1)  # layer 2, role k (order of first appearance: q, k, v)
 
 
+def test_digit_values_are_ordered_numerically_and_unmatched_targets_stay_per_layer():
+    model = inject(_net(11), _cfg(target_modules=r"layers\.\d+\.[qkvo]"))
+    sd = _group(model)
+    assert sd.members["layers.10.q.weight"] == (10, 0) and sd.members["layers.9.v.weight"] == (9, 2)
+    o = dict(adapted_layers(model))["layers.3.o.weight"].adapters["default"]
+    assert not isinstance(o, StackMember) and o.spec.shape == (6, 6) and len(o.params) > 0
+
+
 @pytest.mark.parametrize("kind, forward", [("tucker", "auto"), ("tucker", "factorized"), ("tucker", "rebuild"),
                                            ("cp", "auto"), ("lora", "auto"), ("tt", "auto")])
 def test_linear_members_match_a_dense_reference(kind, forward):
@@ -234,6 +242,13 @@ def test_budgets_are_the_members_lora_count_and_never_exceeded(kind, r):
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sd.spec.num_params
 
 
+def test_kind_options_apply_to_the_stacked_shape_and_matched_scale_takes_the_lead():
+    sd = _group(inject(_net(), _cfg(ranks=None, budget="lora:1", kind_options={"fixed": {0: 1}})))
+    assert sd.spec.ranks[0] == 1 and sd.spec.num_params <= 9 * 12
+    sd = _group(inject(_net(), _cfg(alpha=2.0)))
+    assert sd.scale == pytest.approx(2.0 * sd.spec.matched_scale(lead=2)) and sd.scale != 2.0 * sd.spec.matched_scale()
+
+
 def test_int_ranks_clip_per_mode_tuples_give_every_mode_and_patterns_name_the_group():
     assert _group(inject(_net(), _cfg(ranks=5))).spec.ranks == (3, 3, 5, 5)
     assert _group(inject(_net(), _cfg(ranks=(2, 3, 4, 1)))).spec.ranks == (2, 3, 4, 1)
@@ -253,10 +268,17 @@ class Odd(Net):
         self.layers[1].k = nn.Linear(6, 5)  # a member of another shape
 
 
+def _mixed() -> Net:
+    model = _net(2)
+    model.layers[1].k.float()  # a member of another dtype
+    return model
+
+
 @pytest.mark.parametrize("make, cfg, msg", [
     (_net, dict(target_modules=r"layers\.\d+\.[qkv]|layers\.0\.o", stack={"qkvo": r"layers\.(?P<l>\d+)\.(?P<r>[qkvo])"}),
      r"do not fill the grid l=3 × r=4: 2 missing \(l=1, r=o; l=2, r=o\)"),
     (lambda: Odd().double(), {}, "differ in weight shape"),
+    (_mixed, {}, "differ in dtype or device"),
     (_net, dict(stack={"a": r"layers\.(?P<l>\d+)\.[qk]", "b": r"layers\.0\.(?P<r>[qkv])"}), "matches groups"),
     (_net, dict(stack={"a": r"block\.(?P<l>\d+)"}), "matches none of the targets"),
     (_net, dict(stack={"a": r"layers\.(?P<l>\d+)\.\w"}), "both have l=0"),
@@ -360,6 +382,31 @@ def test_load_refuses_a_model_without_exactly_those_members(tmp_path):
         assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
 
 
+@pytest.mark.parametrize("edit, msg", [
+    (lambda c: c["layers"]["layers.0.q.weight"].update(index=[0, 7]), "do not fill the grid"),
+    (lambda c: c["layers"]["layers.0.q.weight"].update(index=[0, 1]), "do not fill the grid"),
+    (lambda c: c["stacks"]["qkv"].update(modes=[["layer", ["0", "1", "2"]], ["role", ["q", "v", "k"]]]),
+     "at other grid positions"),
+    (lambda c: c["stacks"]["qkv"].update(modes="x"), "'modes' must list"),
+    (lambda c: c["stacks"]["qkv"].update(scale=0.0), "bad entry"),
+    (lambda c: c["config"]["stack"].update(qkv=r"layers\.(?P<layer>[01])\.(?P<role>[qkv])"), "members differ"),
+])
+def test_a_tampered_stack_file_is_refused_and_the_model_unchanged(edit, msg, tmp_path):
+    from tucker_peft import _format
+    model = inject(_net(), _cfg())
+    _randomise(model)
+    save_adapter(model, tmp_path)
+    af = _format.read_adapter(tmp_path)
+    edit(af.config)
+    _format.write_adapter(tmp_path, af.tensors("torch"), af.config)
+    other = _net()
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(TuckerPeftError, match=msg):
+        load_adapter(other, tmp_path)
+    after = other.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
 def _bert():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -380,6 +427,7 @@ def test_bert_save_load_and_peft_export_round_trip(kind, init, tmp_path):
                                           stack=BERT_STACK))
     sd = _group(model)
     assert sd.spec.shape[:2] == (2, 3) and sd.members["encoder.layer.1.attention.self.key.weight"] == (1, 1)
+    assert model.get_submodule("encoder.adapter_stacks.qkv.default") is sd  # the common ancestor, not the ModuleList
     with torch.no_grad():
         for p in sd.params.values():
             p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2), dtype=p.dtype))
