@@ -558,3 +558,18 @@ def test_compile_fullgraph_matches_eager(kind, forward):
     for k in gc:
         torch.testing.assert_close(gc[k], ge[k], rtol=1e-9, atol=1e-12)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_bench_stack_quick_runs(tmp_path):
+    import json
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "b.json"
+    proc = subprocess.run([sys.executable, os.path.join("benchmarks", "bench_torch.py"), "--model", "stack", "--quick",
+                           "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rec = json.loads(out.read_text())["stack"]
+    assert set(rec["paired_vs_per_layer"]) == {"tucker@layers", "cp@layers"}
+    assert rec["trainable"]["tucker@layers"] < rec["trainable"]["tucker"]
+    assert "stack tucker@layers step <= 1.3 x per-layer tucker" in proc.stdout
