@@ -437,7 +437,12 @@ def test_bert_save_load_and_peft_export_round_trip(kind, init, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids).last_hidden_state, y, rtol=1e-10, atol=1e-10)
     export_peft_lora(model, tmp_path / "peft")
+    import json
     import warnings
+    r = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"]
+    # Tucker and CP members are a Tucker / CP of the member (the member's rank; doubled by 'hosvd', whose start
+    # is subtracted by stacking); LoRA's member is a generic slice, exported as its dense ΔW at full rank.
+    assert r == {"tucker": 3, "cp": 6, "lora": 16}[kind]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.PeftModel.from_pretrained(_bert(), str(tmp_path / "peft")).eval()
