@@ -184,6 +184,20 @@ def test_conv_members_match_a_dense_reference(kind):
         torch.testing.assert_close(p.grad, ref_params[k].grad, rtol=1e-9, atol=1e-12)
 
 
+def test_parameter_targets_stack_by_their_path(tmp_path):
+    base = _net()
+    cfg = AdapterConfig(kind="cp", ranks=3, target_parameters=r"layers\.\d+\.o\.weight",
+                        stack={"o": r"layers\.(?P<layer>\d+)\.o\.weight"})
+    model = inject(copy.deepcopy(base), cfg)
+    _randomise(model)
+    sd = _group(model, group="o")
+    assert sd.spec.shape == (3, 6, 6) and set(sd.members) == {f"layers.{i}.o.weight" for i in range(3)}
+    x = _x()
+    torch.testing.assert_close(model(x), _reference(base, sd, sd.param_dict(), x), rtol=1e-10, atol=1e-12)
+    save_adapter(model, tmp_path)
+    torch.testing.assert_close(load_adapter(_net(), tmp_path)(x), model(x), rtol=1e-12, atol=1e-12)
+
+
 def test_gradcheck_through_the_members():
     model = inject(_net(2), _cfg(ranks=2))
     _randomise(model)
