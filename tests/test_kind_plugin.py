@@ -361,3 +361,60 @@ def test_ranks_command_takes_plugin_kinds_by_name_and_module_class(plugins, tmp_
     assert row["specs"]["lora"]["ranks"] == str(budget // 28)
     rc = main(["ranks", path, "--budget", "100", "--kinds", "gatedlora,nope:Nothing"])
     assert rc == 2 and "nope:Nothing" in capsys.readouterr().err
+
+
+@dataclass(frozen=True)
+class GatedLoRAIn(GatedLoRA):
+    """GatedLoRA whose energy rule reads the input side: the rank of the mode-1 unfolding."""
+
+    kind: ClassVar[str] = "gatedlora_in"
+
+    @classmethod
+    def for_energy(cls, shape, energy, rank_of):
+        if energy[1] is None:
+            raise RankError("gatedlora_in takes its rank from the energy of mode 1, got 'none' there")
+        return cls.for_ranks(shape, rank_of(1, energy[1]))
+
+
+def test_extract_energy_asks_the_kind_which_modes_it_reads(plugins, tmp_path, capsys):
+    import json
+
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    from safetensors import safe_open
+
+    from tucker_peft.cli import main
+
+    rng = np.random.default_rng(0)
+    base = {"a.weight": rng.standard_normal((16, 12)).astype(np.float32),
+            "b.weight": rng.standard_normal((8, 4, 3, 3)).astype(np.float32)}
+    tuned = {n: (w + (rng.standard_normal((w.shape[0], 2)) @ rng.standard_normal((2, w[0].size))).reshape(w.shape))
+             .astype(np.float32) for n, w in base.items()}  # rank 2 on mode 0; on mode 1 of the conv, 4
+    safetensors_numpy.save_file(base, str(tmp_path / "b.safetensors"))
+    safetensors_numpy.save_file(tuned, str(tmp_path / "t.safetensors"))
+
+    def ref_rank(n, mode):  # the smallest rank keeping 0.9999 of the unfolding's σ², by numpy
+        dw = tuned[n].astype(np.float64) - base[n]
+        s2 = np.linalg.svd(np.moveaxis(dw, mode, 0).reshape(dw.shape[mode], -1), compute_uv=False) ** 2
+        return int(np.argmax(np.cumsum(s2) / s2.sum() >= 0.9999)) + 1
+
+    def extract(kind, energy, out):
+        return main(["extract", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), "--kind", kind,
+                     "--energy", energy, "-o", str(tmp_path / out), "-q"])
+
+    def ranks(out):
+        with safe_open(str(tmp_path / out / "tucker_peft_adapter.safetensors"), framework="numpy") as f:
+            return {n: v["spec"]["rank"] for n, v in json.loads(f.metadata()["config"])["layers"].items()}
+
+    tp.register("gatedlora_in", GatedLoRAIn)
+    try:
+        assert extract("gatedlora", "0.9999", "a0") == 0, capsys.readouterr().err
+        assert ranks("a0") == {n: ref_rank(n, 0) for n in base} == {"a.weight": 2, "b.weight": 2}
+        assert extract("gatedlora_in", "none,0.9999", "a1") == 0, capsys.readouterr().err
+        assert ranks("a1") == {n: ref_rank(n, 1) for n in base} and ranks("a1")["b.weight"] == 4
+        capsys.readouterr()
+        assert extract("gatedlora", "none,0.9999", "a2") == 2  # the default kind reads mode 0: refused up front
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "gatedlora takes its rank from the energy of mode 0" in err
+        assert not (tmp_path / "a2").exists()
+    finally:
+        _base._REGISTRY.pop("gatedlora_in", None)

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tucker_peft as tp
@@ -355,3 +355,119 @@ def test_fit_als_asks_the_kind_for_its_solver(gated):
     res = tp.fit(GatedALS((6, 4), 2), t, steps=3, init="random", scale=2.0)
     assert len(sweeps) == 3 and res.params["B"] is sweeps[-1]
     assert res.final_error < res.init_error
+
+
+# -- sample_spec, min_modes: the property strategies ask each kind for its ranks ---------------------
+
+BUILT_IN = ("tucker", "tucker2", "cp", "lora", "tt", "lokr", "loha")
+
+
+def _rng_pick(rng):
+    return lambda options: options[int(rng.integers(len(options)))]
+
+
+def _samples(kind, shape, n=80, seed=0):
+    rng = np.random.default_rng(seed)
+    out = [tp.lookup(kind).sample_spec(shape, _rng_pick(rng)) for _ in range(n)]
+    for s in out:
+        assert type(s) is tp.lookup(kind) and s.shape == shape
+        assert s.reconstruct(s.init("random", seed=0)).shape == shape  # the constructor validated it; it builds
+    return out
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (6, 4, 3), (4, 2, 2, 3)])
+def test_sample_spec_of_each_built_in_kind_covers_its_ranks_and_options(shape):
+    out, k = shape[0], math.prod(shape[1:])
+    tucker = _samples("tucker", shape)
+    for n, d in enumerate(shape):  # every mode: None and each rank 1..I_n
+        assert {s.ranks[n] for s in tucker} == {None, *range(1, d + 1)}
+    tucker2 = _samples("tucker2", shape)
+    assert {s.ranks[0] for s in tucker2} == set(range(1, out + 1)) and all(s.ranks[2:] == (None,) * (len(shape) - 2)
+                                                                          for s in tucker2)
+    cp = _samples("cp", shape)
+    assert {s.rank for s in cp} == set(range(1, min(math.prod(shape) // max(shape), 6) + 1))
+    for kind in ("lora", "loha"):
+        assert {s.rank for s in _samples(kind, shape)} == set(range(1, min(out, k, 6) + 1))
+    tt = _samples("tt", shape, n=200)
+    assert {s.tensorize is None for s in tt} == {True, False}  # whole modes and split ones
+    assert any(len(set(s.ranks)) > 1 for s in tt)  # per-bond ranks, not only a broadcast int
+    assert max(max(s.ranks) for s in tt) <= 6
+    lokr = _samples("lokr", (16, 12, *shape[2:]))  # blocks large enough for a low-rank W2
+    assert {(s.factor, s.decompose_both, s.full_w2) for s in lokr} >= {(f, b, w) for f in (-1, 2)
+                                                                      for b in (False, True) for w in (False, True)}
+
+
+def test_sample_spec_defaults_to_the_budget_family(gated):
+    family, t_max = GatedLoRA.budget_family((6, 4))
+    assert GatedLoRA.sample_spec((6, 4), lambda o: o[0]) == family(1)
+    assert GatedLoRA.sample_spec((6, 4), lambda o: o[-1]) == family(t_max) == GatedLoRA((6, 4), 4)
+    seen = {GatedLoRA.sample_spec((6, 4), _rng_pick(np.random.default_rng(s))).rank for s in range(40)}
+    assert seen == {1, 2, 3, 4}
+
+
+@given(data=st.data())
+def test_specs_pads_drawn_shapes_to_the_kinds_min_modes_and_keeps_given_ones(data):
+    spec = data.draw(tpst.specs(kinds=["lokr"], shape_strategy=tpst.shapes(min_ndim=1, max_ndim=1)))
+    assert tp.LoKr.min_modes == 2 and len(spec.shape) == 2 and spec.shape[1] == 2
+    spec = data.draw(tpst.specs(kinds=["lokr", "lora"], shape=(5,)))  # LoKr cannot take (5,): never drawn
+    assert spec.kind == "lora" and spec.shape == (5,)
+
+
+@settings(max_examples=1)
+@given(data=st.data())
+def test_specs_refuses_a_shape_no_kind_takes(data):
+    with pytest.raises(TuckerPeftError, match=r"none of the kinds \['lokr'\] takes a shape of 1 modes"):
+        data.draw(tpst.specs(kinds=["lokr"], shape=(5,)))
+
+
+# -- for_energy: the energy rule per kind -------------------------------------------------------------
+
+def _energy_rank(t, n, e):
+    """Independent reference: the smallest r whose leading σ² of the mode-n unfolding keep a fraction e."""
+    s2 = np.linalg.svd(np.moveaxis(t, n, 0).reshape(t.shape[n], -1), compute_uv=False) ** 2
+    return int(np.argmax(np.cumsum(s2) / s2.sum() >= e - 1e-12)) + 1
+
+
+def _tucker_tensor(shape, ranks, seed=0):
+    rng = np.random.default_rng(seed)
+    t = rng.standard_normal(ranks)
+    for n, (d, r) in enumerate(zip(shape, ranks)):
+        q, _ = np.linalg.qr(rng.standard_normal((d, r)))
+        t = np.moveaxis(np.tensordot(q, t, axes=(1, n)), 0, n)
+    return t
+
+
+@pytest.mark.parametrize("kind", BUILT_IN)
+def test_for_energy_reads_the_modes_the_kind_takes_its_ranks_from(kind):
+    from tucker_peft.cli._ranks import energy_spec
+
+    shape, true = (6, 5, 3, 4), (2, 3, 1, 2)
+    t = _tucker_tensor(shape, true)
+    e = 0.99999
+    asked = []
+
+    def rank_of(n, frac):
+        asked.append(n)
+        return _energy_rank(t, n, frac)
+
+    cls = tp.lookup(kind)
+    spec = cls.for_energy(shape, [e] * 4, rank_of)
+    if kind == "tucker":
+        want, modes = tp.Tucker(shape, true), [0, 1, 2, 3]
+        assert cls.for_energy(shape, [e, None, e, e], rank_of) == tp.Tucker(shape, (2, None, 1, 2))
+    elif kind == "tucker2":
+        want, modes = tp.Tucker2(shape, true[:2]), [0, 1]
+        assert cls.for_energy(shape, [None, e, e, e], rank_of) == tp.Tucker2(shape, (None, 3))
+    else:  # one rank from the mode-0 unfolding, clipped like any rank
+        want, modes = cls.for_ranks(shape, true[0]), [0]
+        with pytest.raises(RankError, match="takes its rank from the energy of mode 0, got 'none' there"):
+            cls.for_energy(shape, [None, e, e, e], rank_of)
+    assert spec == want and asked[: len(modes)] == modes and set(asked) <= set(modes)
+    # the CLI's rule: the same spec through ranks.by_energy on the tensor
+    assert energy_spec(kind, shape, (e,), t) == want
+
+
+def test_for_energy_defaults_to_the_mode_0_rank_for_a_kind_from_outside(gated):
+    t = _tucker_tensor((6, 5, 4), (3, 2, 2))
+    assert GatedLoRA.for_energy((6, 5, 4), [0.99999, None, None], lambda n, e: _energy_rank(t, n, e)) == \
+        GatedLoRA((6, 5, 4), 3)

@@ -77,6 +77,7 @@ class LoKr(Parametrization):
     tensor_methods: ClassVar[frozenset[str]] = frozenset({"svd"})
     principal_init: ClassVar[str | None] = "svd"
     lora_note: ClassVar[str] = "a Kronecker product has no low-rank unfolding in general; export to PEFT's LoKr format"
+    min_modes: ClassVar[int] = 2
 
     def __post_init__(self) -> None:
         shape = check_shape(self.shape, self.max_modes)
@@ -272,6 +273,11 @@ class LoKr(Parametrization):
         specs = [cls(shape, r, factor, decompose_both) for r in range(1, cls._full_rank(shape, factor, decompose_both) + 1)]
         specs.sort(key=lambda s: (s.num_params, s.rank))
         return (lambda t: specs[t - 1]), len(specs)
+
+    @classmethod
+    def sample_spec(cls, shape: tuple[int, ...], pick: Callable[[Sequence[Any]], Any]) -> Parametrization:
+        """rank ``1..4`` (full and low-rank blocks), factor -1 or 2, decompose_both either way."""
+        return cls(shape, pick(range(1, 5)), pick([-1, 2]), pick([False, True]))
 
 
 register("lokr", LoKr)
