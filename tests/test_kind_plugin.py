@@ -418,3 +418,29 @@ def test_extract_energy_asks_the_kind_which_modes_it_reads(plugins, tmp_path, ca
         assert not (tmp_path / "a2").exists()
     finally:
         _base._REGISTRY.pop("gatedlora_in", None)
+
+
+@dataclass(frozen=True)
+class GatedLoRAShown(GatedLoRA):
+    """GatedLoRA with neither a ``ranks`` nor a ``rank`` field name the summary could guess from."""
+
+    kind: ClassVar[str] = "gatedlora_shown"
+
+    def describe_ranks(self):
+        return f"g{self.rank}"
+
+
+def test_summary_shows_ranks_as_each_kind_describes_them(plugins):
+    from tucker_peft.backends.torch import summary
+
+    tp.register("gatedlora_shown", GatedLoRAShown)
+    try:
+        for kind, want in [("gatedlora_shown", "g"), ("tt", None), ("lokr", None)]:
+            model = inject(_net(), AdapterConfig(kind=kind, ranks=2, target_modules=["lin", "c2"]))
+            rows = summary(model).rows
+            specs = {p.rsplit(".", 1)[0]: d.spec for p, d in _adapters(model).items()}
+            assert [r["ranks"] for r in rows] == [specs[r["layer"]].describe_ranks() for r in rows]
+            if want:
+                assert all(r["ranks"].startswith(want) for r in rows)
+    finally:
+        _base._REGISTRY.pop("gatedlora_shown", None)

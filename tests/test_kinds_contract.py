@@ -471,3 +471,93 @@ def test_for_energy_defaults_to_the_mode_0_rank_for_a_kind_from_outside(gated):
     t = _tucker_tensor((6, 5, 4), (3, 2, 2))
     assert GatedLoRA.for_energy((6, 5, 4), [0.99999, None, None], lambda n, e: _energy_rank(t, n, e)) == \
         GatedLoRA((6, 5, 4), 3)
+
+
+# -- no code outside a kind's own file branches on which kind it is -----------------------------------
+
+#: The compare harness measures every kind against LoRA at the same budget: "lora" there names the baseline
+#: of the comparison (a research choice), not kind behaviour.
+BASELINE_LITERALS = {"compare/stats.py": {"lora"}, "compare/runner.py": {"lora"}}
+
+
+def _kind_branches(path, source, names, classes):
+    """``(line, text)`` of each comparison with a built-in kind's name, isinstance/issubclass/type-is on a kind
+    class, match case on a kind name, or dispatch dict keyed by kind names, in ``source``."""
+    import ast
+
+    def kind_literals(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+            return {node.value}  # case-sensitive: kind names are lower case; 'LORA' is PEFT's peft_type
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return set().union(*map(kind_literals, node.elts))
+        return set()
+
+    def kind_class(node):
+        if isinstance(node, ast.Tuple):
+            return any(kind_class(e) for e in node.elts)
+        return (isinstance(node, ast.Name) and node.id in classes) or \
+            (isinstance(node, ast.Attribute) and node.attr in classes)
+
+    allowed = BASELINE_LITERALS.get(path, set())
+    tree = ast.parse(source)
+    # module constants holding kind names (e.g. a tuple of "per-mode" kinds) count as the names themselves
+    consts = {t.id for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign)) and n.value is not None
+              and kind_literals(n.value)
+              for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
+    out = []
+    for node in ast.walk(tree):
+        hit = False
+        if isinstance(node, ast.Compare):
+            ops = [node.left, *node.comparators]
+            lits = set().union(*map(kind_literals, ops))
+            hit = bool(lits - allowed) or any(kind_class(o) for o in ops) or \
+                any(isinstance(o, ast.Name) and o.id in consts for o in ops)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+                node.func.id in ("isinstance", "issubclass") and len(node.args) == 2:
+            hit = kind_class(node.args[1])
+        elif isinstance(node, ast.MatchValue):
+            hit = bool(kind_literals(node.value))
+        elif isinstance(node, ast.Dict):
+            hit = sum(bool(kind_literals(k)) for k in node.keys if k is not None) >= 2
+        if hit:
+            out.append((node.lineno, ast.get_source_segment(source, node)))
+    return out
+
+
+def test_no_code_outside_a_kinds_own_file_branches_on_which_kind_it_is():
+    import inspect
+    from pathlib import Path
+
+    builtin = {k: tp.lookup(k) for k in ("tucker", "tucker2", "cp", "lora", "tt", "lokr", "loha")}
+    kind_files = {Path(inspect.getsourcefile(c)).resolve() for c in builtin.values()}
+    root = Path(tp.__file__).resolve().parent
+    names, classes = set(builtin), {c.__name__ for c in builtin.values()}
+    found = []
+    for f in sorted(root.rglob("*.py")):
+        if f.resolve() in kind_files:
+            continue
+        rel = f.relative_to(root).as_posix()
+        found += [f"{rel}:{line}: {text}" for line, text in _kind_branches(rel, f.read_text(), names, classes)]
+    assert not found, "kind-specific branches outside the kind files (move them behind a contract member):\n" + \
+        "\n".join(found)
+
+
+def test_the_branch_scanner_finds_what_it_looks_for():
+    src = '''
+if kind == "tucker": pass
+if spec.kind in ("lora", "cp"): pass
+if isinstance(spec, (Tucker, tp.LoKr)): pass
+if type(spec) is TT: pass
+match kind:
+    case "loha": pass
+f = {"tucker": 1, "cp": 2}[kind]
+if kind != "lora": pass
+ok = kind == "other" or isinstance(spec, Parametrization)
+PER_MODE = ("tucker", "tucker2")
+if kind not in PER_MODE: pass
+'''
+    names, classes = {"tucker", "cp", "lora", "loha"}, {"Tucker", "LoKr", "TT"}
+    lines = [line for line, _ in _kind_branches("x.py", src, names, classes)]
+    assert sorted(lines) == [2, 3, 4, 5, 7, 8, 9, 12]
+    # in a listed compare file only the baseline "lora" alone is let through
+    assert sorted(line for line, _ in _kind_branches("compare/stats.py", src, names, classes)) == [2, 3, 4, 5, 7, 8, 12]
