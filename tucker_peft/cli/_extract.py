@@ -74,12 +74,14 @@ BASE, TUNED: a .safetensors file, a directory holding model.safetensors or a
 known to the registry.
 
 {RULE_HELP}
-  --energy E        the smallest ranks keeping a fraction E of dW's energy:
-                    tucker/tucker2 per mode (tucker_peft.ranks.by_energy on each
-                    unfolding); cp/lora take the smallest rank r whose leading
-                    r singular values of the mode-0 unfolding (out, rest) keep E
-                    (exact for lora; for cp only a heuristic, as CP rank r
-                    cannot always reach it). E may be a comma list per mode,
+  --energy E        the smallest ranks keeping a fraction E of dW's energy, as
+                    the kind reads it (its for_energy): tucker per mode and
+                    tucker2 on the channel modes (tucker_peft.ranks.by_energy on
+                    each unfolding); every other built-in kind takes the
+                    smallest rank r whose leading r singular values of the
+                    mode-0 unfolding (out, rest) keep E (exact for lora; for
+                    the others a heuristic, their rank r cannot always reach
+                    it). E may be a comma list per mode,
                     'none' leaving a mode unfactorised; the last entry repeats
                     for the remaining modes (0.9,0.9,none: Tucker-2 on a conv).
 A tensor whose budget is below the kind's smallest spec is skipped and reported.
