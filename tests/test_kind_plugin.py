@@ -285,13 +285,29 @@ def test_plugin_kind_must_be_registered_to_load_and_export_says_why(plugins, tmp
         export_peft_lora(model, tmp_path / "peft")
 
 
-def test_lokr_export_to_lora_is_refused_with_the_kinds_note(tmp_path):
-    from tucker_peft.backends.torch import export_peft_lora
+@pytest.mark.parametrize("init", ["zero", "hosvd"])
+def test_lokr_exports_exactly_to_peft_lora_even_from_an_hosvd_start(tmp_path, init):
+    """LoKr's lora_factors (kron of the factor pairs) make export_peft_lora exact; an 'hosvd' start, which PEFT's
+    LoKr format cannot hold (one Kronecker product, not f(params) - f(start)), goes this way."""
+    peft = pytest.importorskip("peft")
+    from tucker_peft.backends.torch import export_peft, export_peft_lora
 
-    model = inject(_net(), AdapterConfig(kind="lokr", ranks=2, target_modules=["lin"]))
-    with pytest.raises(tp.TuckerPeftError, match="Kronecker product has no low-rank unfolding"):
+    model = inject(_net(), AdapterConfig(kind="lokr", ranks=2, init=init, target_modules=MODULES))
+    _perturb(model)
+    if init == "hosvd":  # on layers PEFT's LoKr takes (not c1: a full 3-D W2), refused for the start alone
+        native = inject(_net(), AdapterConfig(kind="lokr", ranks=2, init=init, target_modules=["lin", "c2"]))
+        with pytest.raises(tp.TuckerPeftError, match="init='hosvd'.*export_peft_lora"):
+            export_peft(native, tmp_path / "native")
+        assert not (tmp_path / "native").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the size warning: kron(U1, U2) has rank rank(W1)·rank(W2)
         export_peft_lora(model, tmp_path / "peft")
-    assert not (tmp_path / "peft").exists()
+        loaded = peft.PeftModel.from_pretrained(_net(), str(tmp_path / "peft"))
+    x = _inputs()
+    with torch.no_grad():
+        want, got, base = model(*x), loaded(*x), _net()(*x)
+    assert (want - base).abs().max() > 1e-3  # the adapter changes the output: equality below is not vacuous
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_hosvd_init_uses_the_kinds_principal_init(plugins):

@@ -76,7 +76,7 @@ class LoKr(Parametrization):
     init_methods: ClassVar[Mapping[str, str]] = {"zero": "zero", "random": "random", "svd": "svd", "hosvd": "svd"}
     tensor_methods: ClassVar[frozenset[str]] = frozenset({"svd"})
     principal_init: ClassVar[str | None] = "svd"
-    lora_note: ClassVar[str] = "a Kronecker product has no low-rank unfolding in general; export to PEFT's LoKr format"
+    lora_note: ClassVar[str] = ""  # lora_factors always exists (rank rank(W1)·rank(W2), see there)
     min_modes: ClassVar[int] = 2
 
     def __post_init__(self) -> None:
@@ -278,6 +278,40 @@ class LoKr(Parametrization):
     def sample_spec(cls, shape: tuple[int, ...], pick: Callable[[Sequence[Any]], Any]) -> Parametrization:
         """rank ``1..4`` (full and low-rank blocks), factor -1 or 2, decompose_both either way."""
         return cls(shape, pick(range(1, 5)), pick([-1, 2]), pick([False, True]))
+
+    def lora_factors(self, params: Mapping[str, Any], scale: Any = 1.0) -> tuple[Any, Any]:
+        """Exact ``(B, A)``: ``kron(U1, U2) @ kron(V1, V2)`` with ``W1 = U1 V1`` and ``W2 = U2 V2`` unfolded.
+
+        ΔW unfolded to ``(a·b, c·d·Πkernel)`` is ``kron(W1, W2 as (b, d·Πkernel))``,
+        so its rank is at most ``r1·r2``: each factor's rank (``rank``) when
+        low-rank, ``min`` of its sides when full. That is far more than the
+        LoKr's own parameter count suggests; exporting to PEFT's LoKr format
+        (:meth:`peft_state`) stays the compact way, and this one also holds a
+        difference such as an ``init='hosvd'`` adapter's ``f(params) - f(start)``.
+
+        Returns
+        -------
+        B : array of shape (out, r1·r2)
+        A : array of shape (r1·r2, Π shape[1:]), holding ``scale``
+        """
+        xp = namespace(next(iter(params.values())))
+        a, b, c, d = self.blocks
+        dk = d * math.prod(self.shape[2:])
+
+        def pair(full: Any, low: tuple[str, str], rows: int, cols: int) -> tuple[Any, Any]:
+            if full is None:
+                return params[low[0]], xp.reshape(params[low[1]], (-1, cols))
+            w = xp.reshape(full, (rows, cols))
+            eye = xp.eye(min(rows, cols), dtype=w.dtype, device=device(w))
+            return (eye, w) if rows <= cols else (w, eye)
+
+        def kron(x: Any, y: Any) -> Any:
+            (m, n), (p, q) = x.shape, y.shape
+            return xp.reshape(xp.reshape(x, (m, 1, n, 1)) * xp.reshape(y, (1, p, 1, q)), (m * p, n * q))
+
+        u1, v1 = pair(params.get("w1"), ("w1_a", "w1_b"), a, c)
+        u2, v2 = pair(params.get("w2"), ("w2_a", "w2_b"), b, dk)
+        return kron(u1, u2), kron(v1, v2) * scale
 
 
 register("lokr", LoKr)
