@@ -460,3 +460,21 @@ def test_summary_shows_ranks_as_each_kind_describes_them(plugins):
                 assert all(r["ranks"].startswith(want) for r in rows)
     finally:
         _base._REGISTRY.pop("gatedlora_shown", None)
+
+
+def test_loha_effective_conv_trains_and_exports_to_peft_with_equal_outputs(tmp_path, r=4):
+    """kind_options={'effective_conv': True} is PEFT's use_effective_conv2d: Tucker-2 halves on conv kernels
+    (Conv1d, Conv2d, grouped and dilated), flat on 1×1 convs and Linear, as PEFT decides per layer."""
+    peft = pytest.importorskip("peft")
+    from tests.test_torch_export_peft_kinds import ALL, _check, _trained
+
+    m = _trained(AdapterConfig(kind="loha", budget=f"lora:{r}", kind_options={"effective_conv": True},
+                               target_modules=ALL, alpha=0.7))
+    specs = {h.layer_name: d.spec for _, h in adapted_layers(m) for d in h.adapters.values()}
+    assert {n for n, s in specs.items() if s.effective} == {"conv", "gd", "c1"}  # not pw (1×1) nor fc
+    assert all(s.num_params <= tp.LoRA(s.shape, min(r, s.shape[0])).num_params for s in specs.values())
+    cfg, loaded = _check(m, tmp_path, "LOHA")  # 2 Adam steps here, then PEFT's outputs equal ours
+    assert cfg["use_effective_conv2d"] is True
+    built = {n.removeprefix("base_model.model."): "default" in mod.hada_t1 for n, mod in loaded.named_modules()
+             if isinstance(mod, peft.tuners.loha.LoHaLayer)}
+    assert built == {n: s.effective for n, s in specs.items()}  # PEFT made cores exactly where we have them

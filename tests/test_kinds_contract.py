@@ -388,6 +388,7 @@ def test_sample_spec_of_each_built_in_kind_covers_its_ranks_and_options(shape):
     assert {s.rank for s in cp} == set(range(1, min(math.prod(shape) // max(shape), 6) + 1))
     for kind in ("lora", "loha"):
         assert {s.rank for s in _samples(kind, shape)} == set(range(1, min(out, k, 6) + 1))
+    assert {s.effective for s in _samples("loha", shape)} == ({False, True} if k > shape[1] else {False})
     tt = _samples("tt", shape, n=200)
     assert {s.tensorize is None for s in tt} == {True, False}  # whole modes and split ones
     assert any(len(set(s.ranks)) > 1 for s in tt)  # per-bond ranks, not only a broadcast int

@@ -47,6 +47,9 @@ def dense(spec, p):
         return dense_tt(spec, p)
     if isinstance(spec, tp.LoKr):
         return dense_lokr(spec, p)
+    if isinstance(spec, tp.LoHa) and "t1" in p:  # PEFT's make_weight_cp: each half a Tucker-2 of the kernel
+        h1, h2 = (np.einsum("ij...,ip,jq->pq...", p[f"t{h}"], p[f"w{h}_a"], p[f"w{h}_b"]) for h in (1, 2))
+        return h1 * h2
     if isinstance(spec, tp.LoHa):
         return ((p["w1_a"] @ p["w1_b"]) * (p["w2_a"] @ p["w2_b"])).reshape(spec.shape)
     return (p["B"] @ p["A"]).reshape(spec.shape)
@@ -84,6 +87,8 @@ def num_params_formula(spec):
     k = math.prod(shape[1:])
     if isinstance(spec, tp.LoRA):
         return spec.rank * (shape[0] + k)
+    if isinstance(spec, tp.LoHa) and spec.effective_conv and len(shape) >= 3 and k > shape[1]:
+        return 2 * (spec.rank ** 2 * (k // shape[1]) + spec.rank * (shape[0] + shape[1]))
     if isinstance(spec, tp.LoHa):
         return 2 * spec.rank * (shape[0] + k)
     if isinstance(spec, tp.TT):
