@@ -478,3 +478,39 @@ def test_loha_effective_conv_trains_and_exports_to_peft_with_equal_outputs(tmp_p
     built = {n.removeprefix("base_model.model."): "default" in mod.hada_t1 for n, mod in loaded.named_modules()
              if isinstance(mod, peft.tuners.loha.LoHaLayer)}
     assert built == {n: s.effective for n, s in specs.items()}  # PEFT made cores exactly where we have them
+
+
+def test_lokr_effective_conv_trains_and_exports_to_peft_with_equal_outputs(tmp_path):
+    """kind_options={'effective_conv': True} is PEFT LoKr's use_effective_conv2d: a low-rank W2 on a kernel is a
+    Tucker-2 (lokr_t2); full W2, 1×1 convs and Linear stay as they were, as PEFT decides."""
+    peft = pytest.importorskip("peft")
+    from tests.test_torch_export_peft_kinds import ALL, _check, _trained
+    from tucker_peft.backends.torch import export_peft
+
+    def config(targets):
+        return AdapterConfig(kind="lokr", budget="lora:1", kind_options={"effective_conv": True},
+                             target_modules=targets, alpha=0.7)
+
+    # PEFT's own Conv1d LoKr with use_effective_conv2d fails (peft 0.21), so export refuses that layer
+    net = nn.Sequential(nn.Conv1d(8, 12, 3, padding=1)).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(net, peft.LoKrConfig(r=1, target_modules=["0"], use_effective_conv2d=True,
+                                                      init_weights=False))
+    with pytest.raises(RuntimeError):
+        pm(torch.randn(2, 8, 5, dtype=torch.float64))
+    m = _trained(config(ALL))
+    assert dict(adapted_layers(m))["c1.weight"].adapters["default"].spec.effective
+    with pytest.raises(tp.TuckerPeftError, match="Conv1d.*effective_conv"):
+        export_peft(m, tmp_path / "c1")
+    assert not (tmp_path / "c1").exists()
+
+    m = _trained(config([t for t in ALL if t != "c1"]))
+    specs = {h.layer_name: d.spec for _, h in adapted_layers(m) for d in h.adapters.values()}
+    assert {n for n, s in specs.items() if s.effective} >= {"conv"}  # Conv2d 3×3
+    assert not specs["pw"].effective and not specs["fc"].effective
+    cfg, loaded = _check(m, tmp_path, "LOKR")  # 2 Adam steps here, then PEFT's outputs equal ours
+    assert cfg["use_effective_conv2d"] is True
+    built = {n.removeprefix("base_model.model."): "default" in mod.lokr_t2 for n, mod in loaded.named_modules()
+             if isinstance(mod, peft.tuners.lokr.LoKrLayer)}
+    assert built == {n: s.effective for n, s in specs.items()}  # PEFT made t2 exactly where we have it

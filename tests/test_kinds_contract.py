@@ -3,6 +3,7 @@ the errors of the new kinds, and CP-ALS without tensorly's global backend."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -393,9 +394,10 @@ def test_sample_spec_of_each_built_in_kind_covers_its_ranks_and_options(shape):
     assert {s.tensorize is None for s in tt} == {True, False}  # whole modes and split ones
     assert any(len(set(s.ranks)) > 1 for s in tt)  # per-bond ranks, not only a broadcast int
     assert max(max(s.ranks) for s in tt) <= 6
-    lokr = _samples("lokr", (16, 12, *shape[2:]))  # blocks large enough for a low-rank W2
+    lokr = _samples("lokr", (16, 12, *shape[2:]), n=160)  # blocks large enough for a low-rank W2
     assert {(s.factor, s.decompose_both, s.full_w2) for s in lokr} >= {(f, b, w) for f in (-1, 2)
                                                                       for b in (False, True) for w in (False, True)}
+    assert {s.effective for s in lokr} == ({False, True} if k > shape[1] else {False})
 
 
 def test_sample_spec_defaults_to_the_budget_family(gated):
@@ -562,3 +564,35 @@ if kind not in PER_MODE: pass
     assert sorted(lines) == [2, 3, 4, 5, 7, 8, 9, 12]
     # in a listed compare file only the baseline "lora" alone is let through
     assert sorted(line for line, _ in _kind_branches("compare/stats.py", src, names, classes)) == [2, 3, 4, 5, 7, 8, 12]
+
+
+# -- effective_conv (PEFT's use_effective_conv2d) for LoHa and LoKr ----------------------------------
+
+@pytest.mark.parametrize("spec", [tp.LoHa((8, 6, 3, 3), 2, True), tp.LoHa((8, 5, 3), 3, True),
+                                  tp.LoKr((16, 12, 3, 3), 1, effective_conv=True),
+                                  tp.LoKr((36, 36, 3, 2), 2, decompose_both=True, effective_conv=True)],
+                         ids=["loha-conv2d", "loha-conv1d", "lokr-conv2d", "lokr-both"])
+def test_effective_conv_principal_init_is_exact_on_a_tensor_of_its_form(spec):
+    """init('hosvd') gives back a tensor of the form it fits exactly: for LoHa a Tucker-2 of ranks (r, r) (its
+    first half, the second all ones), for LoKr any s·ΔW (kron of W1 and a Tucker-2 W2); and ΔW = 0 at
+    init('zero') with the zero block where PEFT puts it."""
+    assert spec.effective and "t2" in spec.param_shapes
+    if spec.kind == "loha":
+        t2 = tp.Tucker2(spec.shape, spec.rank)
+        w = np.asarray(t2.reconstruct(t2.init("random", seed=3)))
+    else:
+        w = 1.7 * np.asarray(spec.reconstruct(spec.init("random", seed=3)))
+    got = 1.7 * np.asarray(spec.reconstruct(spec.init("hosvd", tensor=w, scale=1.7)))
+    np.testing.assert_allclose(got, w, rtol=1e-9, atol=1e-12)
+    zero = spec.init("zero", seed=0)
+    assert not np.any(spec.reconstruct(zero))
+    assert spec.zero_block_size == sum(v.size for v in zero.values() if not np.any(v))
+
+
+def test_effective_conv_is_ignored_where_peft_ignores_it():
+    for spec in (tp.LoHa((8, 6), 2, True), tp.LoHa((8, 6, 1, 1), 2, True), tp.LoKr((16, 12, 1, 1), 1, effective_conv=True),
+                 tp.LoKr((16, 12, 3, 3), 2, effective_conv=True)):  # the last: W2 full at r >= max(b, d)/2
+        plain = dataclasses.replace(spec, effective_conv=False)
+        assert not spec.effective and spec.param_shapes == plain.param_shapes and spec.num_params == plain.num_params
+    with pytest.raises(TuckerPeftError, match="effective_conv: expected a bool"):
+        tp.LoHa((8, 6, 3), 2, "yes")

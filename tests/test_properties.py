@@ -72,7 +72,8 @@ def dense_lokr(spec, p):
     """np.kron of W1 (padded to W2's ndim) and W2, as PEFT's make_kron."""
     w1 = p["w1"] if "w1" in p else p["w1_a"] @ p["w1_b"]
     b, d = w1.shape[0] and spec.shape[0] // w1.shape[0], spec.shape[1] // w1.shape[1]
-    w2 = p["w2"] if "w2" in p else (p["w2_a"] @ p["w2_b"]).reshape(b, d, *spec.shape[2:])
+    w2 = p["w2"] if "w2" in p else (p["w2_a"] @ p["w2_b"]).reshape(b, d, *spec.shape[2:]) if "t2" not in p else \
+        np.einsum("ij...,ip,jr->pr...", p["t2"], p["w2_a"], p["w2_b"])  # PEFT's make_weight_cp
     return np.kron(w1.reshape(*w1.shape, *(1,) * (spec.ndim - 2)), w2)
 
 
@@ -99,6 +100,8 @@ def num_params_formula(spec):
         r, kk = spec.rank, math.prod(shape[2:])
         w1 = r * (a + c) if spec.decompose_both and r < max(a, c) / 2 else a * c
         w2 = r * (bb + d * kk) if r < max(bb, d) / 2 else bb * d * kk
+        if spec.effective_conv and r < max(bb, d) / 2 and kk > 1:
+            w2 = r * r * kk + r * (bb + d)
         return w1 + w2
     raise AssertionError(spec)
 
