@@ -478,6 +478,13 @@ def test_loha_effective_conv_trains_and_exports_to_peft_with_equal_outputs(tmp_p
     built = {n.removeprefix("base_model.model."): "default" in mod.hada_t1 for n, mod in loaded.named_modules()
              if isinstance(mod, peft.tuners.loha.LoHaLayer)}
     assert built == {n: s.effective for n, s in specs.items()}  # PEFT made cores exactly where we have them
+    from tests.test_torch_export_peft_kinds import X, _base
+
+    save_adapter(m, tmp_path / "ad")  # the option survives save and load
+    fresh = load_adapter(_base(), tmp_path / "ad")
+    assert {h.layer_name: d.spec for _, h in adapted_layers(fresh) for d in h.adapters.values()} == specs
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(X), m(X))
 
 
 def test_lokr_effective_conv_trains_and_exports_to_peft_with_equal_outputs(tmp_path):
