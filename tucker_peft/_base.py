@@ -195,6 +195,12 @@ class Parametrization(ABC):
 
     and may override, for speed or features:
 
+    - :meth:`sample_spec` — a valid spec on a shape, its choices made by a
+      given ``pick`` (property tests; default: a step of the budget family),
+      and :attr:`min_modes`, the fewest modes the kind takes;
+    - :meth:`for_energy` — the spec an energy rule picks from the smallest
+      ranks keeping a fraction of each unfolding's σ² (default: one rank from
+      mode 0);
     - :attr:`zero_block_size` — entries set to zero by the ``'zero'`` init;
     - :meth:`matched_scale` — the factor of ``scale_rule='matched'``;
     - :meth:`factored` — the three-stage form ``(P_out, S, P_in, mg)``
@@ -202,13 +208,7 @@ class Parametrization(ABC):
     - :meth:`lora_factors` — exact LoRA factors for export (``None`` and
       :attr:`lora_note` when there are none);
     - :meth:`peft_state` — the kind's own PEFT format (``None``: export as LoRA);
-    - :meth:`describe_ranks` — the ranks as shown in summaries and the CLI;
-    - :meth:`sample_spec` — a valid spec on a shape, its choices made by a
-      given ``pick`` (property tests; default: a step of the budget family),
-      and :attr:`min_modes`, the fewest modes the kind takes;
-    - :meth:`for_energy` — the spec an energy rule picks from the smallest
-      ranks keeping a fraction of each unfolding's σ² (default: one rank from
-      mode 0).
+    - :meth:`describe_ranks` — the ranks as shown in summaries and the CLI.
 
     Reconstruction, vjp, application and the FLOP model are derived from
     :meth:`terms` here.
