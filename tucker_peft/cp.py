@@ -165,6 +165,11 @@ class CP(Parametrization):
         shape = check_shape(shape)
         return (lambda t: cls(shape, t)), max_cp_rank(shape)
 
+    @classmethod
+    def sample_spec(cls, shape: tuple[int, ...], pick: Callable[[Sequence[Any]], Any]) -> Parametrization:
+        """R in ``1..min(max_cp_rank, 6)`` (larger ranks only slow tests down)."""
+        return cls(shape, pick(range(1, min(max_cp_rank(tuple(shape)), 6) + 1)))
+
 
 def _cp_member(spec: CP, lead: int) -> Parametrization:
     shape = spec.shape[lead:]

@@ -329,6 +329,37 @@ class TT(Parametrization):
         top = _max_bonds(tuple(f for fs in split for f in fs))
         return (lambda t: cls(shape, t, split)), max(top, default=1)
 
+    @staticmethod
+    def sample_tensorize(shape: tuple[int, ...], pick: Callable[[Sequence[Any]], Any]) -> Any:
+        """A valid ``tensorize=`` on ``shape``: None, ``'auto'`` or some modes split in two factors."""
+        choice = pick(["none", "auto", "split"])
+        if choice != "split":
+            return None if choice == "none" else "auto"
+        out = {}
+        for n, d in enumerate(shape):
+            divisors = [f for f in range(2, d) if d % f == 0]
+            if divisors and pick([False, True]):
+                f = pick(divisors)
+                out[n] = (f, d // f)
+        return out
+
+    @classmethod
+    def sample_spec(cls, shape: tuple[int, ...], pick: Callable[[Sequence[Any]], Any]) -> Parametrization:
+        """A :meth:`sample_tensorize`, then one int bond rank in ``1..6`` or per-bond ranks
+        (each ``1..min(6, its maximum)``, repaired into a valid train)."""
+        tz = cls.sample_tensorize(shape, pick)
+        if not pick([False, True]):
+            return cls(shape, pick(range(1, 7)), tz)
+        top = cls(shape, 2**30, tz)
+        bonds = [pick(range(1, min(r, 6) + 1)) for r in top.ranks]
+        # Repair into a valid train: r_k <= r_{k-1}·m_k and r_k <= m_{k+1}·r_{k+1}.
+        m = top.cores
+        for k in range(len(bonds)):
+            bonds[k] = min(bonds[k], (bonds[k - 1] if k else 1) * m[k])
+        for k in reversed(range(len(bonds))):
+            bonds[k] = min(bonds[k], m[k + 1] * (bonds[k + 1] if k + 1 < len(bonds) else 1))
+        return cls(shape, tuple(bonds), tz)
+
 
 def _tt_member(spec: TT, lead: int) -> Parametrization:
     h, split = spec._fine_start[lead], spec.split_shape[lead:]

@@ -232,6 +232,17 @@ class Tucker(Parametrization):
         pinned = _pinned(shape, kernel, fixed)
         return _family(cls, shape, pinned, split)
 
+    @classmethod
+    def sample_spec(cls, shape: tuple[int, ...], pick: Callable[[Sequence[Any]], Any]) -> Parametrization:
+        """Each mode's rank: None (unfactorised) or ``1..I_n``."""
+        return cls(shape, tuple(pick([None, *range(1, d + 1)]) for d in shape))
+
+    @classmethod
+    def for_energy(cls, shape: tuple[int, ...], energy: Sequence[float | None],
+                   rank_of: Callable[[int, float], int]) -> Parametrization:
+        """One rank per mode from that mode's energy; a None energy leaves the mode unfactorised."""
+        return cls(shape, tuple(None if e is None else rank_of(n, e) for n, e in enumerate(energy)))
+
 
 def _tucker_member(spec: Tucker, lead: int) -> Tucker:
     return Tucker(spec.shape[lead:], spec.ranks[lead:], max_modes=spec.max_modes)
@@ -321,6 +332,17 @@ class Tucker2(Tucker):
         shape = check_shape(shape)
         pinned = _pinned(shape, "none", fixed)
         return _family(cls, shape, pinned, split, build=lambda ranks: cls(shape, ranks))
+
+    @classmethod
+    def sample_spec(cls, shape: tuple[int, ...], pick: Callable[[Sequence[Any]], Any]) -> Parametrization:
+        """The channel modes' ranks, each ``1..I_n``."""
+        return cls(shape, tuple(pick(range(1, d + 1)) for d in shape[:2]))
+
+    @classmethod
+    def for_energy(cls, shape: tuple[int, ...], energy: Sequence[float | None],
+                   rank_of: Callable[[int, float], int]) -> Parametrization:
+        """As :meth:`Tucker.for_energy` on the two channel modes; the energies of modes 2.. are not read."""
+        return cls(shape, tuple(None if e is None else rank_of(n, e) for n, e in enumerate(energy[:2])))
 
 
 register("tucker", Tucker)

@@ -354,7 +354,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
         other than ``'zeros'``, an ``init='hosvd'`` adapter (its start ΔW₀ is
         subtracted, which these formats cannot), layers whose non-rank fields
         differ (LoKr's ``factor`` / ``decompose_both`` are global in PEFT), a
-        Conv1d LoKr with a full W2; extra trained base parameters unless
+        Conv1d LoKr with a full W2 or effective_conv; extra trained base parameters unless
         ``ignore_trainable``; and what :func:`export_peft_lora` refuses.
         Nothing is written then.
     """

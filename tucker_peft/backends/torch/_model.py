@@ -626,10 +626,8 @@ class Summary:
 
 
 def _ranks_text(spec: Parametrization) -> str:
-    r = getattr(spec, "ranks", None)
-    if r is not None:
-        return "(" + ", ".join("-" if x is None else str(x) for x in r) + ")"
-    return str(getattr(spec, "rank", "?"))
+    """The ranks as the kind shows them (the contract's ``describe_ranks``, as in the CLI)."""
+    return spec.describe_ranks()
 
 
 def _clipped(d: DeltaWeight, layer: str) -> bool:
