@@ -421,6 +421,55 @@ def bench_kinds(shapes, reps_for, tables, infos, quick):
     tables.append(t)
 
 
+# -- cross-layer stacks: one member's slice vs the whole stack --------------------
+def stack_cases(quick: bool) -> list[tuple[Any, int]]:
+    """A BERT-sized stack (12 layers x 4 roles of 768 x 768): Tucker, CP and TT, members indexed by 2 modes."""
+    shape = (3, 2, 48, 48) if quick else (12, 4, 768, 768)
+    return [(tp.Tucker.for_ranks(shape, (4, 4, 16, 16)), 2), (tp.CP(shape, 64), 2), (tp.TT(shape, 16), 2)]
+
+
+def bench_stack(shapes, reps_for, tables, infos, quick):
+    t = Table("Cross-layer stack: member slice + reconstruct vs the full stack, torch float32 (ms, median)",
+              ["spec", "pass", "slice", "full stack", "full/slice"],
+              note="slice = spec.slice(params, index) then member.reconstruct (what each layer of a group computes); "
+                   "full stack = spec.reconstruct(params), then indexing. 'one member': one member's ΔW, forward. "
+                   "'all members, fwd+bwd': every member's ΔW and its gradient, one member at a time vs the whole "
+                   "stack at once (autograd).")
+    for spec, lead in stack_cases(quick):
+        p = spec.init("random", like=torch.zeros(1), dtype="float32", seed=0)
+        pg = {k: v.clone().requires_grad_() for k, v in p.items()}
+        member, grid = spec.member(lead), list(np.ndindex(*spec.shape[:lead]))
+        index = grid[len(grid) // 2]
+        g = torch.Generator().manual_seed(1)
+        ct = torch.randn(member.shape, generator=g)
+        full = spec.reconstruct(p)
+        err = float((member.reconstruct(spec.slice(p, index)) - full[index]).abs().max() / full.abs().max())
+        assert err < 1e-4, f"{spec.kind}: the member slice disagrees with the full stack: {err}"
+        del full
+
+        def all_slices():
+            for v in pg.values():
+                v.grad = None
+            sum((member.reconstruct(spec.slice(pg, i)) * ct).sum() for i in grid).backward()
+
+        def all_full():
+            for v in pg.values():
+                v.grad = None
+            w = spec.reconstruct(pg)
+            sum((w[i] * ct).sum() for i in grid).backward()
+
+        label = f"{spec!r}".replace("tensorize=None", "").replace(", )", ")")
+        with torch.no_grad():
+            m = interleaved({"slice": lambda: member.reconstruct(spec.slice(p, index)),
+                             "full": lambda: spec.reconstruct(p)[index]}, reps_for(spec.shape), warmup=2)
+        t.rows.append([label, "one member", ms(m.median("slice")), ms(m.median("full")),
+                       f"{m.ratio('full', 'slice'):.1f}x"])
+        m = interleaved({"slice": all_slices, "full": all_full}, 2 if quick else 5, warmup=1)
+        t.rows.append([label, f"all {len(grid)} members, fwd+bwd", ms(m.median("slice")), ms(m.median("full")),
+                       f"{m.ratio('full', 'slice'):.2f}x"])
+    tables.append(t)
+
+
 # -- main ----------------------------------------------------------------------
 def environment() -> list[str]:
     return [
@@ -436,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shapes and few repetitions (smoke test)")
     ap.add_argument("--markdown", action="store_true", help="print tables as Markdown")
-    ap.add_argument("--only", default="recon,hosvd,hooi,vjp,kinds", help="comma-separated sections to run")
+    ap.add_argument("--only", default="recon,hosvd,hooi,vjp,kinds,stack", help="comma-separated sections to run")
     ap.add_argument("--strict", action="store_true", help="exit 1 if a target fails")
     args = ap.parse_args(argv)
     sections = set(args.only.split(","))
@@ -471,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for name, bench, sink in (("recon", bench_reconstruct, checks), ("hosvd", bench_hosvd, checks),
                               ("hooi", bench_hooi, infos), ("vjp", bench_vjp, infos),
-                              ("kinds", bench_kinds, infos)):
+                              ("kinds", bench_kinds, infos), ("stack", bench_stack, infos)):
         if name in sections:
             bench(shapes, reps_for, tables, sink, args.quick)
             print(tables[-1].render(args.markdown), flush=True)

@@ -169,6 +169,20 @@ def test_other_members_are_the_generic_slice_with_an_exact_dense_export(spec, le
             _lora_exact(member, sl, 0.5)
 
 
+def test_a_kind_from_outside_the_package_stacks_through_the_generic_slice():
+    from .test_kinds_contract import GatedLoRA  # written against the public contract only, no member/slice
+
+    spec = GatedLoRA((3, 4, 5), 2)
+    p = spec.init("random", seed=3)
+    member = spec.member(1)
+    assert isinstance(member, TermSlice) and member.kind == "gated_lora_test[slice]"
+    for index in indices(spec, 1):
+        np.testing.assert_allclose(member.reconstruct(spec.slice(p, index), 1.5), spec.reconstruct(p, 1.5)[index],
+                                   atol=1e-12)
+    z = spec.init("zero", seed=0)
+    assert not np.any(member.reconstruct(spec.slice(z, (2,))))
+
+
 # -- zero init, errors ----------------------------------------------------------------------------------------------
 @given(data=st.data(), seed=st.integers(0, 2**31))
 def test_zero_init_gives_zero_slices(xp, data, seed):
