@@ -297,3 +297,20 @@ def test_pareto_front_by_brute_force():
             beaten = any((q <= p and (v > m if higher else v < m)) or (q < p and v == m)
                          for j, (q, v) in enumerate(pts) if j != i)
             assert (i in front) == (not beaten)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/stat")
+def test_threads_follow_the_cpus_other_processes_keep_busy_now():
+    from tucker_peft.compare.runner import busy_elsewhere, free_cores, machine_cores
+
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.2)
+        busy = busy_elsewhere(0.3)
+    finally:
+        burner.kill()
+        burner.wait()
+    assert busy is not None and busy >= 0.5  # the spinning child, whatever else runs
+    assert 1 <= free_cores() <= machine_cores()

@@ -79,6 +79,21 @@ def test_linear_without_bias(kind, forward):
     _check(model, torch.randn(4, 6, dtype=torch.float64), forward)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("rows", [2, 400])
+def test_linear_fused_backward_either_input_gradient(kind, rows):
+    """The fused backward takes ∂L/∂x as dy·W + the stages' chain for few rows, through W + ΔW for many: both
+    equal the dense reference."""
+    from tucker_peft.backends.torch._ops import dx_by_stages
+
+    model = _wrap(nn.Linear(24, 20), kind, ranks=2)
+    (_, h), = list(adapted_layers(model))
+    d = h.adapters["default"]
+    p_out, s, p_in, mg = d.views()
+    assert dx_by_stages(h.geometry, (20, 24), p_out, tuple(s.shape), p_in, mg, rows) == (rows == 2)
+    _check(model, torch.randn(rows, 24, dtype=torch.float64), "rebuild")
+
+
 @pytest.mark.parametrize("forward", ["rebuild", "factorized"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_embedding_matches_dense(kind, forward):

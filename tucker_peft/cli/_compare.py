@@ -201,7 +201,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detect", type=_pos_float, default=0.01, metavar="DELTA",
                    help="report the seeds needed to detect a paired difference of DELTA (default 0.01)")
     p.add_argument("--threads", type=_threads, default=None,
-                   help="torch threads (default: the cores the machine has free, from the load average)")
+                   help="torch threads (default: the cores the machine has free, those other processes do not "
+                        "keep busy at the start)")
     p.add_argument("--out", default="compare_results", metavar="DIR", help="output folder (default ./compare_results)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNGs")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes on stderr")

@@ -36,8 +36,8 @@ from .._errors import RankError, TuckerPeftError
 from . import stats
 from .task import build_model, check_task, metric_value, task_name
 
-__all__ = ["run", "resolve_config", "Results", "KINDS", "parse_budget", "machine_cores", "free_cores", "resolve_threads",
-           "RUNS_FIELDS", "SUMMARY_FIELDS"]
+__all__ = ["run", "resolve_config", "Results", "KINDS", "parse_budget", "machine_cores", "free_cores", "busy_elsewhere",
+           "resolve_threads", "RUNS_FIELDS", "SUMMARY_FIELDS"]
 
 #: The kinds compared by default.
 KINDS = ("tucker", "tucker2", "cp", "lora")
@@ -87,10 +87,52 @@ def _load() -> float | None:
         return None
 
 
+def _busy_ticks(cpus: set[int]) -> int | None:
+    """Busy clock ticks so far of the CPUs ``cpus`` (Linux ``/proc/stat``: all but idle and iowait); None elsewhere."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            total = 0
+            for line in f:
+                name, *v = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                    ticks = [int(x) for x in v[:8]]
+                    total += sum(ticks) - ticks[3] - ticks[4]
+            return total
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def busy_elsewhere(window: float = 0.1) -> float | None:
+    """CPUs (of those this process may use) that other processes kept busy over the next ``window`` seconds.
+
+    From ``/proc/stat`` (Linux), less this process's own CPU time; None where that is not available.
+    """
+    try:
+        cpus = set(os.sched_getaffinity(0))
+        hz = os.sysconf("SC_CLK_TCK")
+    except (AttributeError, OSError, ValueError):
+        return None
+    t0, own0, b0 = time.perf_counter(), time.process_time(), _busy_ticks(cpus)
+    if b0 is None:
+        return None
+    time.sleep(window)
+    t1, own1, b1 = time.perf_counter(), time.process_time(), _busy_ticks(cpus)
+    if b1 is None:
+        return None
+    return max(0.0, (b1 - b0) / hz - (own1 - own0)) / max(t1 - t0, 1e-9)
+
+
 def free_cores() -> int:
-    """Cores not busy with other work: cores minus the 1-minute load average, at least 1."""
-    load = _load()
-    return max(1, machine_cores() - (int(round(load)) if load is not None else 0))
+    """Cores not busy with other work, at least 1: the cores minus those other processes keep busy now
+    (:func:`busy_elsewhere`), or minus the 1-minute load average where that cannot be measured.
+
+    The load average lags by minutes: right after another job ends, a quiet machine still shows a load
+    near 1, which would halve a 2-core machine's threads.
+    """
+    busy = busy_elsewhere()
+    if busy is None:
+        busy = _load()
+    return max(1, machine_cores() - (int(round(busy)) if busy is not None else 0))
 
 
 def resolve_threads(requested: int | None) -> int:

@@ -116,6 +116,18 @@ def _batched(fn: Callable[[int, int], Any], n: int, size: int) -> list[Any]:
     return [fn(i, min(n, i + size)) for i in range(0, n, size)]
 
 
+def _same_length(lengths: np.ndarray, rows: np.ndarray, size: int) -> list[tuple[np.ndarray, int]]:
+    """``rows`` grouped by ``lengths[rows]`` (token counts) in chunks of at most ``size``: ``(rows, count)`` pairs.
+
+    A chunk's sequences all have ``count`` tokens, so they run unpadded.
+    """
+    out = []
+    for n in np.unique(lengths[rows]):
+        same = rows[lengths[rows] == n]
+        out += [(same[i:i + size], int(n)) for i in range(0, len(same), size)]
+    return out
+
+
 # ====================================================================================
 # crnn: khmer-ocr-ocm on shifted renderings
 # ====================================================================================
@@ -355,15 +367,19 @@ def _prepare_minilm(s: dict[str, Any], progress: Callable[[str], None]) -> Prepa
         w = m[..., None].to(h.dtype)
         return (h * w).sum(1) / w.sum(1).clamp_min(1.0)
 
-    progress(f"minilm: caching embeddings + {cut} frozen layers on {len(words)} words")
-    with torch.no_grad():
-        def stem(a: int, b: int) -> Any:
-            return run_layers(model.encoder.layer[:cut], model.embeddings(input_ids=ids[a:b]), mask[a:b])
-        hidden = torch.cat(_batched(stem, len(words), 512))
-        # frozen full-model embeddings for the ridge-probe baseline
-        full = torch.cat(_batched(lambda a, b: pool(run_layers(model.encoder.layer[cut:], hidden[a:b], mask[a:b]),
-                                                    mask[a:b]), len(words), 512))
     hidden_size = int(model.config.hidden_size)
+    n_tokens = mask.sum(1).numpy()
+    progress(f"minilm: caching embeddings + {cut} frozen layers on {len(words)} words")
+    # Words of one token count at a time, without padding (2.5x fewer tokens than padding all to the longest);
+    # a padded position is masked out of attention and pooling, so its cached value (zero) is never used.
+    hidden = torch.zeros(*ids.shape, hidden_size)
+    full = torch.empty(len(words), hidden_size)  # frozen full-model embeddings for the ridge-probe baseline
+    with torch.no_grad():
+        for rows, n in _same_length(n_tokens, np.arange(len(words)), 512):
+            r = torch.as_tensor(rows)
+            h = run_layers(model.encoder.layer[:cut], model.embeddings(input_ids=ids[r, :n]), mask[r, :n])
+            hidden[r, :n] = h
+            full[r] = pool(run_layers(model.encoder.layer[cut:], h, mask[r, :n]), mask[r, :n])
 
     class MiniLMTail(nn.Module):
         """The last ``adapt_layers`` encoder layers (names ``layer.<i>...`` as in the model), mean pooling, a head."""
@@ -398,12 +414,19 @@ def _prepare_minilm(s: dict[str, Any], progress: Callable[[str], None]) -> Prepa
         h, mm, t = b
         return ((m(h, mm) - t) ** 2).mean()
 
+    # Evaluation batches: words of one token count, unpadded; (positions in the split, token count).
+    eval_batches = {split: [(torch.as_tensor(pos), n) for pos, n in _same_length(n_tokens[idx[split]],
+                                                                                 np.arange(len(idx[split])), 512)]
+                    for split in ("val", "test")}
+
     def evaluate(m: Any, split: str) -> dict[str, float]:
         rows = torch.as_tensor(idx[split])
         was = m.training
         m.eval()
+        pred = torch.empty(len(rows))
         with torch.no_grad():
-            pred = torch.cat(_batched(lambda a, b: m(hidden[rows[a:b]], mask[rows[a:b]]), len(rows), 512))
+            for pos, n in eval_batches[split]:
+                pred[pos] = m(hidden[rows[pos], :n], mask[rows[pos], :n])
         m.train(was)
         t = y[rows]
         return {"pearson_r": _pearson(pred.double().numpy(), t.double().numpy()),

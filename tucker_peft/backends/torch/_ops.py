@@ -178,7 +178,9 @@ class FusedDelta(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Any, p_out: Any, s: torch.Tensor,
                 p_in: Any, geom: Geometry, mg: int, staged: bool = True) -> torch.Tensor:
         ctx.geom, ctx.mg, ctx.staged = geom, mg, staged
-        # W + ΔW is rebuilt in the backward rather than saved: a weight-sized tensor per layer.
+        # W + ΔW is rebuilt in the backward rather than saved: a weight-sized tensor per layer. A Linear with
+        # few rows skips that too: ∂L/∂x = dy·W + the stages' chain, when the chain costs less than ΔW.
+        ctx.dx_stages = staged and dx_by_stages(geom, tuple(weight.shape), p_out, tuple(s.shape), p_in, mg, x.shape[0])
         ctx.save_for_backward(x, weight, p_out, s, p_in)
         return geom.conv(x, _merged(weight, p_out, s, p_in, geom, mg), geom.groups, bias)
 
@@ -189,7 +191,11 @@ class FusedDelta(torch.autograd.Function):
         mg: int = ctx.mg
         need = ctx.needs_input_grad
         dy = dy.contiguous()
-        dx = geom.dgrad(dy, x, _merged(weight, p_out, s, p_in, geom, mg), geom.groups) if need[0] else None
+        dx_stages = need[0] and ctx.dx_stages
+        if need[0] and not dx_stages:
+            dx = geom.dgrad(dy, x, _merged(weight, p_out, s, p_in, geom, mg), geom.groups)
+        else:
+            dx = None
         dweight = geom.wgrad(dy, x, tuple(weight.shape), geom.groups) if need[1] else None
         dbias = dy.sum(dim=[d for d in range(dy.ndim) if d != (1 if geom.nd else dy.ndim - 1)]) if need[2] else None
         dp_out = ds = dp_in = None
@@ -197,10 +203,10 @@ class FusedDelta(torch.autograd.Function):
             # Thin layers (few input channels): one full weight gradient is cheaper than the stages.
             dw = dweight if dweight is not None else geom.wgrad(dy, x, tuple(weight.shape), geom.groups)
             dp_out, ds, dp_in = reconstruct_vjp(dw, p_out, s, p_in, mg)
-        elif need[3] or need[4] or need[5]:
+        elif need[3] or need[4] or need[5] or dx_stages:
             dt = x.dtype
             po, sd, pi = _to(p_out, dt), s.to(dt), _to(p_in, dt)
-            x_r = geom.proj_in(x, pi) if pi is not None else x
+            x_r = geom.proj_in(x, pi) if pi is not None and (need[3] or need[4]) else x
             dy_r = geom.proj_out_t(dy, po) if po is not None else dy
             w_mid, g_mid = geom.mid_weight(sd, po, mg)
             if need[4]:
@@ -214,23 +220,57 @@ class FusedDelta(torch.autograd.Function):
             if need[3]:
                 z = geom.mid(x_r, sd, po, mg)
                 dp_out = geom.wgrad(dy, z, tuple(p_out.shape), geom.groups, point=True).to(p_out.dtype)
-            if need[5]:
+            if need[5] or dx_stages:
                 if geom.nd == 0 and mg > 1:
                     t = dy_r * sd.reshape(-1)
                 else:
                     t = geom.dgrad(dy_r, x_r, w_mid, g_mid)
+            if need[5]:
                 m_in = p_in.shape[1]
                 gp = geom.wgrad(t, x, (geom.groups * m_in, p_in.shape[0]), geom.groups, point=True)
                 if geom.groups > 1:
                     gp = gp.reshape(geom.groups, m_in, -1).sum(0)
                 dp_in = gp.T.to(p_in.dtype)
+            if dx_stages:  # a Linear: dx = dy·W + t·P_inᵀ, the sum inside the product
+                dx = torch.addmm(t @ pi.T if pi is not None else t, dy, weight)
         return dx, dweight, dbias, dp_out, ds, dp_in, None, None, None
+
+
+def dx_by_stages(geom: Geometry, wshape: tuple[int, ...], p_out: Any, s_shape: tuple[int, ...], p_in: Any, mg: int,
+                 rows: int) -> bool:
+    """Whether :class:`FusedDelta`'s backward takes ∂L/∂x of a Linear on ``rows`` rows as ``dy·W`` plus the
+    stages' chain (cheaper than rebuilding ``W + ΔW`` when the rows are few); convs always rebuild."""
+    if geom.nd != 0:
+        return False
+    recon, chain, _ = stage_costs(geom, wshape, p_out, s_shape, p_in, mg)
+    return rows * chain < recon + 2 * math.prod(wshape)
 
 
 def _merged(weight: torch.Tensor, p_out: Any, s: torch.Tensor, p_in: Any, geom: Geometry, mg: int) -> torch.Tensor:
     """``W + P_out ×_0 S ×_1 P_in`` in the weight's dtype (summed in the adapter's dtype if wider)."""
+    if geom.nd == 0:  # a matrix: the last product adds into W (one pass over a weight-sized tensor, not three)
+        a, b = _low_rank(p_out, s, p_in, mg)
+        if b is None:
+            return weight + a if a.dtype == weight.dtype else (weight.to(a.dtype) + a).to(weight.dtype)
+        if a.dtype == weight.dtype:
+            return torch.addmm(weight, a, b)
+        return torch.addmm(weight.to(a.dtype), a, b).to(weight.dtype)
     dw = geom.reconstruct(p_out, s, p_in, mg)
     return weight + dw if dw.dtype == weight.dtype else (weight.to(dw.dtype) + dw).to(weight.dtype)
+
+
+def _low_rank(p_out: Any, s: torch.Tensor, p_in: Any, mg: int) -> tuple[torch.Tensor, Any]:
+    """A 2-D ``ΔW = P_out S P_inᵀ`` as ``a @ b`` (``b`` None: ``ΔW = a``), the cheaper inner product first."""
+    if mg > 1:  # diagonal S
+        return p_out * s.reshape(-1), p_in.T
+    if p_out is None:
+        return (s, None) if p_in is None else (s, p_in.T)
+    if p_in is None:
+        return p_out, s
+    (out, m_out), (m_in, cin) = p_out.shape, (s.shape[1], p_in.shape[0])
+    if out * m_in * (m_out + cin) <= m_out * cin * (m_in + out):
+        return p_out @ s, p_in.T
+    return p_out, s @ p_in.T
 
 
 def _to(t: Any, dtype: torch.dtype) -> Any:
