@@ -89,6 +89,29 @@ def _check_alpha(v: Any, what: str) -> float:
     return float(v)
 
 
+def _check_stack(value: Any) -> dict[str, str] | None:
+    """``stack``: None, or group name (an identifier) → a regex with at least one named capture group."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not value:
+        raise TuckerPeftError(f"stack: expected a non-empty dict of group name to regex, got {value!r:.200}")
+    out = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not k.isidentifier():
+            raise TuckerPeftError(f"stack: group names must be identifiers (letters, digits, '_'), got {k!r:.80}")
+        if not isinstance(v, str):
+            raise TuckerPeftError(f"stack[{k!r}]: expected a regex string, got {type(v).__name__}")
+        try:
+            rx = re.compile(v)
+        except re.error as exc:
+            raise TuckerPeftError(f"stack[{k!r}]: invalid regex {v!r} ({exc})") from None
+        if not rx.groupindex:
+            raise TuckerPeftError(f"stack[{k!r}]: expected at least one named capture group (?P<name>...), one per "
+                                  f"leading mode of the stacked ΔW, got {v!r}")
+        out[k] = v
+    return out
+
+
 def name_matches(name: str, target: str) -> bool:
     """PEFT's rule for a listed name: the full name, or a suffix after a dot."""
     return name == target or name.endswith("." + target)
@@ -170,6 +193,18 @@ class AdapterConfig:
     strict : bool
         Refuse (``RankError``) instead of skipping with a warning a layer where
         even the smallest spec of the kind has more parameters than the weight.
+    stack : dict of str to str, optional
+        Cross-layer adapters: group name (an identifier) → a regex with at
+        least one named capture group. The targets whose full name (module
+        name or parameter path) the regex matches form one group, whose ΔW is
+        one tensor of the kind on ``(*mode sizes, *member shape)``: each named
+        capture group is a leading mode, in the regex's order, of size the
+        number of distinct values it takes. The members must fill that grid
+        and share one weight shape. ``ranks`` then describes the stacked
+        tensor (an int clipped per mode, a tuple one value per mode, leading
+        first), ``budget`` is the sum of the members' budgets, and
+        ``rank_pattern`` / ``alpha_pattern`` keys may name a group. See
+        ``docs/howto/stack.md``.
     """
 
     kind: str = "tucker"
@@ -188,6 +223,7 @@ class AdapterConfig:
     kind_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     strict: bool = False
+    stack: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, str) or self.kind not in kinds():
@@ -229,6 +265,7 @@ class AdapterConfig:
             raise TuckerPeftError(f"seed: expected an int, got {self.seed!r}")
         if not isinstance(self.strict, bool):
             raise TuckerPeftError(f"strict: expected True or False, got {self.strict!r}")
+        self.stack = _check_stack(self.stack)
 
     # -- (de)serialisation --------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

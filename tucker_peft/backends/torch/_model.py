@@ -16,6 +16,7 @@ from torch.nn.utils import parametrize
 from ..._base import Parametrization
 from ..._errors import TuckerPeftError, fmt_shape
 from . import _modules_to_save as _mts
+from . import _stack
 from ._config import ALL_LINEAR, AdapterConfig, LayerTooSmall, name_matches
 from ._keys import attach_owner_hooks
 from ._layers import AdaptedLayer, DeltaParametrization, DeltaWeight, _add_, supported_types
@@ -41,13 +42,16 @@ class Target:
     scale: float
     params: dict[str, torch.Tensor]
     init_params: dict[str, torch.Tensor] | None = None
+    group: _stack.Group | None = None    # a member of this stack group (AdapterConfig.stack); params unused
+    index: tuple[int, ...] = ()          # its index in the group's leading modes
 
 
 # -- walking the model ----------------------------------------------------------
 
 def _is_internal(name: str) -> bool:
     parts = name.split(".")
-    return any(p in parts for p in ("adapters", "base_layer", "parametrizations", _mts.ORIGINAL, _mts.COPIES))
+    return any(p in parts for p in ("adapters", "base_layer", "parametrizations", _mts.ORIGINAL, _mts.COPIES,
+                                    _stack.STACKS))
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer | DeltaParametrization]]:
@@ -155,8 +159,8 @@ def _adapter_dtype(w: torch.Tensor) -> torch.dtype:
     return torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
 
 
-def plan(model: nn.Module, config: AdapterConfig, adapter_name: str) -> list[Target]:
-    """Resolve and initialise every target of ``config`` without changing ``model``."""
+def _target_paths(model: nn.Module, config: AdapterConfig) -> dict[str, str]:
+    """Parameter path → name (module name of a layer target, else the path) of every target, in model order."""
     module_names: list[str] = []
     if config.target_modules is not None:
         module_names = _select_modules(model, config.target_modules)
@@ -168,20 +172,56 @@ def plan(model: nn.Module, config: AdapterConfig, adapter_name: str) -> list[Tar
         raise TuckerPeftError(
             f"target_modules={config.target_modules!r}, target_parameters={config.target_parameters!r} matched nothing; "
             f"adaptable layers of this model: {_adaptable_listing(model)}")
+    return {**paths, **{p: p for p in param_paths}}
+
+
+def _init_params(spec: Parametrization, scale: float, tensor: torch.Tensor, config: AdapterConfig, name: str,
+                 dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """``(params, init_params or None)`` of ``config.init`` for ``spec`` on the base weight ``tensor``."""
+    if config.init == "zero":
+        # 'matched' scales assume orthonormal factors next to the zero block, in kinds that define it
+        # (those overriding matched_scale: Tucker, CP, TT); others keep their plain zero init.
+        ortho = config.scale_rule == "matched" and type(spec).matched_scale is not Parametrization.matched_scale
+        params = spec.init("zero", like=tensor.detach(), dtype=dtype, seed=config.seed,
+                           **({"orthonormal": True} if ortho else {}))
+        init = None
+    else:
+        method = spec.principal_init
+        if method is None:
+            raise TuckerPeftError(f"layer {name!r}: init='hosvd' decomposes the pretrained weight, but kind "
+                                  f"{spec.kind!r} has no principal_init; expected init='zero'")
+        params = spec.init(method, tensor=tensor.detach().to(torch.float64), scale=scale, seed=config.seed)
+        params = {k: v.to(dtype) for k, v in params.items()}
+        init = {k: v.detach().clone() for k, v in params.items()}
+    return {k: v.detach().clone().contiguous() for k, v in params.items()}, init
+
+
+def plan(model: nn.Module, config: AdapterConfig, adapter_name: str) -> list[Target]:
+    """Resolve and initialise every target of ``config`` without changing ``model``."""
+    paths = _target_paths(model, config)
     weights = _named_weights(model)
     out: list[Target] = []
     skipped: list[str] = []
-    for path in list(paths) + param_paths:
+    for path, name in paths.items():
         mod, attr, w = weights[path]
-        module_path = path.rsplit(".", 1)[0] if "." in path else ""
         base = _base_module(mod)
-        name = paths.get(path, path)
         if isinstance(base, nn.Embedding) and base.max_norm is not None:
             raise TuckerPeftError(f"layer {name!r}: nn.Embedding with max_norm renormalises its weight in place; "
                                   "expected max_norm=None")
         if w.ndim < 2:
             raise TuckerPeftError(f"target_parameters: {path!r} has shape {fmt_shape(w.shape)}; expected at least 2 dims")
         _check_free(mod, attr, path, adapter_name, config.init)
+    groups = _plan_groups(model, config, paths, weights) if config.stack else []
+    members = {p: g for g in groups for p in g.members}
+    for path, name in paths.items():
+        mod, attr, w = weights[path]
+        module_path = path.rsplit(".", 1)[0] if "." in path else ""
+        base = _base_module(mod)
+        g = members.get(path)
+        if g is not None:
+            out.append(Target(path, module_path, attr, type(base).__name__, g.spec.member(g.lead), g.scale, {},
+                              None, g, g.members[path]))
+            continue
         try:
             spec = config.spec_for(name, tuple(w.shape))
         except LayerTooSmall as exc:
@@ -190,24 +230,7 @@ def plan(model: nn.Module, config: AdapterConfig, adapter_name: str) -> list[Tar
             skipped.append(str(exc))
             continue
         scale = config.scale_for(name, spec)
-        dtype = _adapter_dtype(w)
-        if config.init == "zero":
-            # 'matched' scales assume orthonormal factors next to the zero block, in kinds that define it
-            # (those overriding matched_scale: Tucker, CP, TT); others keep their plain zero init.
-            ortho = config.scale_rule == "matched" and type(spec).matched_scale is not Parametrization.matched_scale
-            params = spec.init("zero", like=w.detach(), dtype=dtype, seed=config.seed,
-                               **({"orthonormal": True} if ortho else {}))
-            init = None
-        else:
-            tensor = w.detach().to(torch.float64)
-            method = spec.principal_init
-            if method is None:
-                raise TuckerPeftError(f"layer {name!r}: init='hosvd' decomposes the pretrained weight, but kind "
-                                      f"{spec.kind!r} has no principal_init; expected init='zero'")
-            params = spec.init(method, tensor=tensor, scale=scale, seed=config.seed)
-            params = {k: v.to(dtype) for k, v in params.items()}
-            init = {k: v.detach().clone() for k, v in params.items()}
-        params = {k: v.detach().clone().contiguous() for k, v in params.items()}
+        params, init = _init_params(spec, scale, w, config, name, _adapter_dtype(w))
         out.append(Target(path, module_path, attr, type(base).__name__, spec, scale, params, init))
     if skipped:
         if not out:
@@ -216,6 +239,18 @@ def plan(model: nn.Module, config: AdapterConfig, adapter_name: str) -> list[Tar
                       "(strict=True refuses instead): " + "; ".join(skipped), stacklevel=3)
     _mts.resolve(model, config.trainable, tuple(t.path for t in out))  # errors before the model changes
     return out
+
+
+def _plan_groups(model: nn.Module, config: AdapterConfig, paths: dict[str, str],
+                 weights: dict[str, tuple[nn.Module, str, torch.Tensor]]) -> list[_stack.Group]:
+    """The stack groups among the targets ``paths`` (see :mod:`._stack`)."""
+    rows = []
+    for path, name in paths.items():
+        w = weights[path][2]
+        owner = path.rsplit(".", 1)[0] if "." in path else ""
+        rows.append((name, path, w, name if name != path else owner))
+    return _stack.plan(model, config, rows, lambda group, spec, scale, t, w: _init_params(
+        spec, scale, t, config, f"stack group {group}", _adapter_dtype(w)))
 
 
 def _check_free(mod: nn.Module, attr: str, path: str, adapter_name: str, init: str) -> None:
@@ -288,6 +323,7 @@ def _plain_state(obj: nn.Module) -> dict[str, Any]:
 def _attach(model: nn.Module, targets: list[Target], adapter_name: str, config: AdapterConfig,
             undo: list[Callable[[], None]]) -> None:
     weights = _named_weights(model)
+    groups: dict[int, _stack.StackedDelta] = {}  # one module per group, made at its first member
     for t in targets:
         mod, attr, w = weights[t.path]
         hook = _hook(mod, attr)
@@ -303,11 +339,17 @@ def _attach(model: nn.Module, targets: list[Target], adapter_name: str, config: 
                 parametrize.register_parametrization(mod, attr, hook, unsafe=True)
                 attach_owner_hooks(mod)  # plain state-dict key for the parameter (see _keys.py)
                 undo.append(lambda mod=mod, attr=attr, had=had: _unregister(mod, attr, had))
-        delta = DeltaWeight(t.spec, t.scale, {k: v.to(w.device) for k, v in t.params.items()},
-                            dropout=config.dropout, forward=config.forward,
-                            init_params=None if t.init_params is None else {k: v.to(w.device) for k, v in t.init_params.items()},
-                            config=config)
-        if t.init_params is not None:
+        if t.group is not None:
+            sd = groups.get(id(t.group))
+            if sd is None:
+                sd = groups[id(t.group)] = _stack.attach(model, t.group, adapter_name, config, w.device, undo)
+            delta: DeltaWeight = _stack.StackMember(sd, t.index)
+        else:
+            delta = DeltaWeight(t.spec, t.scale, {k: v.to(w.device) for k, v in t.params.items()},
+                                dropout=config.dropout, forward=config.forward,
+                                init_params=None if t.init_params is None else {k: v.to(w.device) for k, v in t.init_params.items()},
+                                config=config)
+        if delta.has_init:
             before = w.detach().clone()
             undo.append(lambda w=w, before=before: _restore_(w, before))
             _add_(w, delta.init_delta(), -1.0)
@@ -379,7 +421,7 @@ def _freeze(model: nn.Module, config: AdapterConfig) -> None:
     """Freeze every base parameter (originals included); adapters and copies are set by :func:`set_adapter`."""
     for name, p in model.named_parameters():
         parts = name.split(".")
-        if "adapters" not in parts and _mts.COPIES not in parts:
+        if "adapters" not in parts and _mts.COPIES not in parts and _stack.STACKS not in parts:
             p.requires_grad_(False)
 
 
@@ -507,6 +549,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         del h.adapters[adapter_name]
         if not len(h.adapters):
             _remove_hook(model, path, h)
+    _stack.delete(model, adapter_name)
     _mts.delete(model, adapter_name)
 
 
@@ -544,6 +587,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     merge(model)
     for path, h in list(adapted_layers(model)):
         _remove_hook(model, path, h)
+    _stack.unload(model)
     _mts.unload(model)
     return model
 
@@ -576,6 +620,11 @@ class Summary:
             lines.append("copy = the adapter's own trainable copy of a module or parameter (AdapterConfig.trainable)")
         if any(r["clipped"] for r in self.rows):
             lines.append("clipped = the budget would give an adapter larger than the weight; capped at its size")
+        for r in self.rows:
+            if "members" in r:  # a stack group (AdapterConfig.stack): its members, once
+                m = r["members"]
+                lines.append(f"stack {r['layer']} [{r['adapter']}]: " + ", ".join(m[:4])
+                             + (f", ... ({len(m)} in all)" if len(m) > 4 else ""))
         return "\n".join(lines)
 
 
@@ -609,10 +658,13 @@ def summary(model: nn.Module) -> Summary:
         layer = h.layer_name or path
         typ = type(h.base_layer).__name__ if isinstance(h, AdaptedLayer) else "Parameter"
         for n, d in h.adapters.items():
+            if isinstance(d, _stack.StackMember):
+                continue  # its group has one row
             p = d.spec.num_params
             rows.append(dict(layer=layer, type=typ, shape=tuple(d.spec.shape), adapter=n, active=n in h.active_adapters,
                              kind=d.spec.kind, ranks=_ranks_text(d.spec), params=p,
                              percent=100.0 * p / math.prod(d.spec.shape), clipped=_clipped(d, layer)))
+    rows += _stack.summary_rows(model, _ranks_text)
     rows += _mts.summary_rows(model)
     total = sum(p.numel() for p in model.parameters())
     return Summary(rows, trainable_parameters(model), total)

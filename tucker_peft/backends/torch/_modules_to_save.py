@@ -32,7 +32,7 @@ __all__ = ["ModulesToSave", "ParameterCopies"]
 ORIGINAL = "original_module"
 COPIES = "modules_to_save"
 # Path parts of modules that adapters add (their parameters are not the model's own).
-_ADAPTED = ("base_layer", "parametrizations", "adapters")
+_ADAPTED = ("base_layer", "parametrizations", "adapters", "adapter_stacks")
 
 
 class ModulesToSave(nn.Module):
