@@ -55,8 +55,9 @@ Fairness: every kind gets the same steps, batches (the batch order depends on
 the seed only), seeds, head, optimiser (AdamW, no weight decay, cosine decay,
 gradient clipping at 5) and a learning-rate grid of the same size and span.
 Statistics: per kind and budget, the paired test difference to LoRA (same
-seeds) with a 95% interval (t interval; bootstrap over seeds from 10 seeds),
-and the seeds a paired t test would need to detect a difference of --detect.
+seeds; --reference: another variant, or one budget for every row) with a 95%
+interval (t interval; bootstrap over seeds from 10 seeds), and the seeds a
+paired t test would need to detect a difference of --detect.
 Memory: 'saved MB' is the size of the tensors autograd keeps for the backward
 pass of one training step (activations; frozen weights excluded); 'state MB'
 the trainable parameters with their gradients and AdamW moments; the process's
