@@ -83,7 +83,8 @@ def _is_variant(k: str) -> bool:
 
 
 def _kinds(text: str) -> tuple[str, ...]:
-    out = tuple(k.strip().lower() for k in text.split(",") if k.strip())
+    out = tuple(k.partition("@")[0].strip().lower() + "".join(k.partition("@")[1:]).strip()
+                for k in text.split(",") if k.strip())
     bad = [k for k in out if not _is_variant(k)]
     if not out or bad:
         raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(_registered())}, each optionally "
@@ -109,7 +110,7 @@ def _reference(text: str) -> str:
     if not _is_variant(kind):
         raise argparse.ArgumentTypeError(f"expected VARIANT or VARIANT@BUDGET (lora, lora@lora:1, tucker@layers), "
                                          f"got {text!r}")
-    return text.strip().lower()
+    return text.strip()
 
 
 def _budgets(text: str) -> list[Any]:

@@ -81,14 +81,14 @@ def parse_reference(value: Any) -> tuple[str, str | None]:
         return "lora", None
     if not isinstance(value, str) or not value.strip():
         raise TuckerPeftError(f"reference: expected 'VARIANT' or 'VARIANT@BUDGET' (as lora@lora:1), got {value!r}")
-    text = value.strip().lower()
+    text = value.strip()
     head, at, tail = text.rpartition("@")
     if at:
         try:
-            return head, str(parse_budget(tail))
+            return _variant_name(head), str(parse_budget(tail))
         except TuckerPeftError:
             pass
-    return text, None
+    return _variant_name(text), None
 
 
 def _reference_label(cfg: Mapping[str, Any]) -> str:
@@ -557,6 +557,12 @@ def resolve_config(task: Any, *, kinds: Sequence[str] | None = None, budgets: Se
     return cfg
 
 
+def _variant_name(text: Any) -> str:
+    """``'TT@layers'`` → ``'tt@layers'``: the kind in lower case, the stack set's name as given."""
+    kind, at, stacked = str(text).strip().partition("@")
+    return kind.lower() + at + stacked
+
+
 def _variants(task: Any, kinds: Sequence[str], stack: Any) -> tuple[list[str], dict[str, dict[str, str]]]:
     """The variants to run (``kind`` or ``kind@set``) and the stack sets they use.
 
@@ -566,7 +572,7 @@ def _variants(task: Any, kinds: Sequence[str], stack: Any) -> tuple[list[str], d
     """
     if isinstance(kinds, str):
         kinds = [k for k in kinds.split(",") if k.strip()]
-    variants = list(dict.fromkeys(str(k).strip().lower() for k in kinds))
+    variants = list(dict.fromkeys(_variant_name(k) for k in kinds))
     available = stack_sets(getattr(task, "stack", None), f"task {task_name(task)!r}: stack")
     if stack is None:
         added: list[str] = []
