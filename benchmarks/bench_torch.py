@@ -112,6 +112,8 @@ COMPILED_ROWS = ("floor", "peft-lora", "tucker")  # each also as "<row>[compiled
 COMPILED_TARGET_FLOOR = 1.10  # tucker[compiled] <= 1.10 x floor[compiled]
 COMPILED_TARGET_PEFT = 1.00  # tucker[compiled] no slower than peft-lora[compiled]
 INFER_TOL = 0.05  # merged inference within 5 % of the base model
+STACK_TARGET = 1.30  # issue 12: a cross-layer stack's step <= 1.3 x the per-layer adapter at the same ranks
+STACK_KINDS = ("tucker", "cp")
 
 
 # -- optional libraries ----------------------------------------------------------------
@@ -941,6 +943,93 @@ def run_model(w: Workload, args: argparse.Namespace, methods: list[Method], tabl
 
 
 # -- main ------------------------------------------------------------------------------
+# -- cross-layer stacks (issue 12) ---------------------------------------------------------
+class _QKV(nn.Module):
+    """One BERT-base attention projection triple: query, key, value Linear(d, d)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + (self.query(x) + self.key(x) + self.value(x)) * (1.0 / 3.0)
+
+
+class _Encoder(nn.Module):
+    def __init__(self, n: int, d: int) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList([_QKV(d) for _ in range(n)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.layer:
+            x = blk(x)
+        return x
+
+
+def run_stack(args: argparse.Namespace, tables: list[Table], checks: list[Check], infos: list[str],
+              record: dict[str, Any]) -> None:
+    """Training step of a cross-layer stack (``AdapterConfig.stack``) vs the per-layer adapter.
+
+    BERT-base-sized: 12 layers × {query, key, value} Linear(768, 768), 4 sequences of 128 tokens; per kind the
+    stacked adapter (one tensor over layer × role × out × in, ``ranks=8``: 8 on each member mode) against the
+    per-layer adapter at the same ranks (8 on out and in), timed interleaved with the frozen floor.
+    """
+    from tucker_peft.backends.torch import AdapterConfig, inject
+
+    n, d, tokens = (2, 64, 64) if args.quick else (12, 768, 512)
+    print(f"-- stack: {n} layers x (query, key, value) Linear({d}, {d}), {tokens} tokens", flush=True)
+    torch.manual_seed(args.seed)
+    base = _Encoder(n, d)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(tokens // 128 if tokens >= 128 else 1, min(tokens, 128), d)
+    stack = {"qkv": r"layer\.(?P<layer>\d+)\.(?P<role>query|key|value)"}
+    models: dict[str, nn.Module] = {"floor": copy.deepcopy(base)}
+    for kind in STACK_KINDS:
+        cfg = dict(kind=kind, ranks=LORA_RANK, target_modules=["query", "key", "value"])
+        models[kind] = inject(copy.deepcopy(base), AdapterConfig(**cfg))
+        models[f"{kind}@layers"] = inject(copy.deepcopy(base), AdapterConfig(**cfg, stack=stack))
+    fns = {}
+    counts = {}
+    for name, m in models.items():
+        params = [p for p in m.parameters() if p.requires_grad]
+        counts[name] = sum(p.numel() for p in params)
+        opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+        xin = x.clone().requires_grad_(not params)  # the floor: backward to the input, no weight gradients
+
+        def step(m: nn.Module = m, opt: Any = opt, xin: torch.Tensor = xin) -> None:
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+            m(xin).square().mean().backward()
+            if opt is not None:
+                opt.step()
+
+        fns[name] = step
+    for _ in range(args.warmup):
+        for f in fns.values():
+            f()
+    snap = cpu_snapshot()
+    samples = interleaved(fns, args.rounds, args.seed)
+    busy = other_cpu_share(snap, cpu_snapshot())
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    t = Table(f"stack: training step (median of {args.rounds} interleaved rounds; {n}×3 Linear({d}, {d}), "
+              f"{tokens} tokens)", ["method", "trainable", "step", "x floor", "x per-layer (paired)"])
+    for k in models:
+        per = k.split("@")[0]
+        t.rows.append([k, f"{counts[k]:,}", ms(med[k]), f"{med[k] / med['floor']:.2f}",
+                       f"{paired(samples, k, per):.2f}" if "@" in k else "-"])
+    if busy is not None:
+        t.note = f"other processes used {100 * busy:.0f}% of the CPUs while timing"
+    tables.append(t)
+    print(t.render(False), flush=True)
+    for kind in STACK_KINDS:
+        r = paired(samples, f"{kind}@layers", kind)
+        checks.append(Check(f"stack {kind}@layers step <= {STACK_TARGET} x per-layer {kind}", r <= STACK_TARGET,
+                            f"{r:.2f}x (paired median; {counts[f'{kind}@layers']:,} vs {counts[kind]:,} trainable)"))
+    record["stack"] = {"samples_s": samples, "median_s": med, "trainable": counts,
+                       "paired_vs_per_layer": {k: paired(samples, k, k.split("@")[0]) for k in models if "@" in k}}
+
+
 def environment() -> list[str]:
     return [
         f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
@@ -954,7 +1043,8 @@ def environment() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", choices=("cnn", "crnn", "all"), default="all")
+    ap.add_argument("--model", choices=("cnn", "crnn", "all", "stack"), default="all",
+                    help="'stack': the cross-layer stack rows only (BERT-sized q/k/v stack vs per-layer, issue 12)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 20; 3 with --quick)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps per method (default 3; 1 with --quick)")
     ap.add_argument("--quick", action="store_true", help="tiny models and inputs, few rounds, no RSS runs (smoke test)")
@@ -1008,7 +1098,9 @@ def main(argv: list[str] | None = None) -> int:
     infos: list[str] = []
     record: dict[str, Any] = {"environment": env, "notes": notes, "models": {}}
     t0 = time.perf_counter()
-    for name in (("cnn", "crnn") if args.model == "all" else (args.model,)):
+    if args.model == "stack":
+        run_stack(args, tables, checks, infos, record)
+    for name in (("cnn", "crnn") if args.model == "all" else () if args.model == "stack" else (args.model,)):
         w = cnn_workload(args.quick) if name == "cnn" else crnn_workload(args.quick)
         if w is None:
             notes.append(f"{name} skipped (khmer-ocr-ocm missing)")

@@ -20,10 +20,15 @@ carries the whole configuration::
                     "config": JSON {"library_version", "adapter_name", "config",
                                     "layers": {param path: {"spec", "scale", "base_shape", "dtype",
                                                             "module_type", "has_init"}},
-                                    "trainable": [base parameter names]}}
+                                    "trainable": [base parameter names],
+                                    "stacks": {group: {"spec", "scale", "dtype", "has_init",
+                                                       "modes": [[capture name, [values]], ...]}}}}
     tensors        "{param path}::{name}"        adapter params
                    "{param path}::init::{name}"  params ΔW started from ('hosvd' init)
                    "base::{param name}"          the adapter's trained copies of base parameters
+                   "stack::{group}::{name}"      a cross-layer group's params (and "::init::{name}"),
+                                                 once; each member's layer entry is {"stack", "index",
+                                                 "base_shape", "module_type"} (``AdapterConfig.stack``)
 
 Weights and configuration can therefore never come from two different saves,
 and one :func:`os.replace` replaces the whole adapter. The name is
@@ -278,6 +283,10 @@ def _parse_config(text: Any, where: str) -> dict:
     for key in ("config",):
         if cfg.get(key) is not None and not isinstance(cfg[key], dict):
             raise _error(f"{where}: adapter config: expected {key!r} to be an object, got {type(cfg[key]).__name__}")
+    stacks = cfg.get("stacks", {})
+    if not isinstance(stacks, dict) or not all(isinstance(v, dict) for v in stacks.values()):
+        raise _error(f"{where}: adapter config: expected 'stacks' to map group names to objects, "
+                     f"got {type(stacks).__name__}")
     tr = cfg.get("trainable", [])
     if not isinstance(tr, list) or not all(isinstance(t, str) for t in tr):
         raise _error(f"{where}: adapter config: expected 'trainable' to be a list of names, got {tr!r:.80}")

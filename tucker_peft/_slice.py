@@ -107,16 +107,28 @@ def term_slice(parent: Parametrization, lead: int) -> TermSlice:
     return TermSlice(parent.shape[lead:], parent=parent, lead=lead, max_modes=parent.max_modes)
 
 
+def _unravel(i: int, dims: tuple[int, ...]) -> tuple[int, ...]:
+    """``np.unravel_index`` in plain Python (torch.compile traces it; dynamo has no numpy version)."""
+    out = []
+    for d in reversed(dims):
+        i, r = divmod(i, d)
+        out.append(r)
+    return tuple(reversed(out))
+
+
 def slice_terms(spec: Parametrization, params: Mapping[str, Any], index: tuple[int, ...]) -> Params:
     """Params of ``term_slice(spec, len(index))`` at ``index``: each operand indexed at the fixed letters."""
     xp = spec.check_params(params)
-    member = term_slice(spec, len(index))
+    # The fixed letters straight from the parent's (cached) terms, not from a member made here: under
+    # torch.compile, lru_cache is bypassed and a fresh member's cached_property takes a lock dynamo cannot trace.
+    fixed = {spec.mode_symbol(n, j): (n, j) for n in range(len(index)) for j in range(len(spec.split_shape[n]))}
     # a mode split into factors (Kronecker, tensorised trains) fixes one index per factor, C order
-    digits = [np.unravel_index(i, spec.split_shape[n]) for n, i in enumerate(index)]
+    digits = [_unravel(i, spec.split_shape[n]) for n, i in enumerate(index)]
     ops = spec._operands(xp, params)
     out: Params = {}
-    for op, (name, axes, _, _) in zip(ops, member._plan):
-        if axes is None:
+    for op, (name, _, subs) in zip(ops, spec._term_list):
+        axes = [(a, fixed[c]) for a, c in enumerate(subs) if c in fixed]
+        if not axes:
             out[name] = op
             continue
         key: list[Any] = [slice(None)] * op.ndim

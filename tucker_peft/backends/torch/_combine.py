@@ -11,6 +11,7 @@ from torch import nn
 from ..._errors import TuckerPeftError
 from ._config import AdapterConfig
 from ._layers import AdaptedLayer
+from ._stack import StackMember
 from ._model import Target, _check_free, _check_name, _named_weights, adapted_layers, adapter_names, apply_plan, \
     delete_adapter
 
@@ -82,6 +83,10 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
             if d is None:
                 continue
             kinds.setdefault(a, d.spec.kind)
+            if isinstance(d, StackMember):
+                raise TuckerPeftError(f"adapters: {a!r} is a cross-layer stack (AdapterConfig.stack) whose layers share "
+                                      "one tensor, which add_weighted_adapter does not combine; expected per-layer "
+                                      "adapters")
             if d.has_init:
                 raise TuckerPeftError(f"adapters: {a!r} was started with init='hosvd' and holds part of the base "
                                       f"weight ({path!r}), so its ΔW cannot be added to another's exactly; "

@@ -58,7 +58,7 @@ def _smallest(b: torch.Tensor, a: torch.Tensor) -> _Pair:
 
 def _exact(delta: DeltaWeight, one: Callable[[Mapping[str, torch.Tensor]], _Pair]) -> _Pair:
     """``one``'s float64 pair for the adapter; an 'hosvd' adapter's start ΔW₀ subtracted by stacking."""
-    b, a = one(dict(delta.params))
+    b, a = one(delta.param_dict())  # a stack member: its slice of the group
     if delta.has_init:
         b0, a0 = one(delta.init_params())
         b, a = torch.cat([b, -b0], -1), torch.cat([a, a0], -2)
@@ -360,7 +360,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
     """
     name = _resolve_name(model, adapter_name)
     deltas = _deltas(model, name)
-    states = [d.spec.peft_state({k: v.detach().double() for k, v in d.params.items()}, d.scale) if d.spec.ndim >= 2
+    states = [d.spec.peft_state({k: v.detach().double() for k, v in d.param_dict().items()}, d.scale) if d.spec.ndim >= 2
               else None for _, _, d in deltas]
     types = {st[1]["peft_type"] if st is not None else "LORA" for st in states}
     if len(types) > 1:

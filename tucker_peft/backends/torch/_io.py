@@ -17,6 +17,7 @@ adapters as before.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from typing import Any, Mapping
@@ -32,10 +33,13 @@ from ...adapter import StateDictError, spec_from_json, spec_to_json
 from . import _model
 from ._config import AdapterConfig
 from ._layers import AdaptedLayer, DeltaWeight
-from ._model import (Target, _adapter_dtype, _check_free, _check_name, _named_weights, active_adapter,
+from ._stack import Group, StackMember, owner_path, resolve
+from ._model import (Target, _adapter_dtype, _check_free, _check_name, _named_weights, _target_paths, active_adapter,
                      adapted_layers, adapter_extras, adapter_names, apply_plan, delete_adapter, extra_trainable)
 
 __all__ = ["save_adapter", "load_adapter"]
+
+_STACK = "stack::"  # tensor key prefix of a stack group's params: "stack::{group}::{name}"
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -114,9 +118,22 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     name = _resolve_name(model, adapter_name)
     deltas = _deltas(model, name)
     config: AdapterConfig | None = deltas[0][2].config
-    layers, tensors = {}, {}
+    layers, tensors, stacks = {}, {}, {}
     sharded = False
     for p, h, d in deltas:
+        if isinstance(d, StackMember):  # the group's tensors once, each member its index
+            sd = d.stacked
+            layers[p] = {"stack": sd.group, "index": list(d.index), "base_shape": list(d.spec.shape),
+                         "module_type": type(h.base_layer).__name__ if isinstance(h, AdaptedLayer) else None}
+            if sd.group not in stacks:
+                stacks[sd.group] = {"spec": json.loads(spec_to_json(sd.spec)), "scale": sd.scale,
+                                    "dtype": str(next(iter(sd.params.values())).dtype).replace("torch.", ""),
+                                    "has_init": bool(sd.init_names),
+                                    "modes": [[m, list(v)] for m, v in sd.modes]}
+                for k, v in list(sd.params.items()) + [(f"init::{k}", v) for k, v in sd.init_params().items()]:
+                    sharded |= _is_dtensor(v)
+                    tensors[f"{_STACK}{sd.group}::{k}"] = _host(v)
+            continue
         layers[p] = {"spec": json.loads(spec_to_json(d.spec)), "scale": d.scale, "base_shape": list(d.spec.shape),
                      "dtype": str(next(iter(d.params.values())).dtype).replace("torch.", ""),
                      "module_type": type(h.base_layer).__name__ if isinstance(h, AdaptedLayer) else None,
@@ -133,6 +150,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         tensors[f"base::{k}"] = _host(v)
     meta = {"library_version": __version__, "adapter_name": name,
             "config": config.to_dict() if config is not None else None, "layers": layers, "trainable": list(extra)}
+    if stacks:
+        meta["stacks"] = stacks
     writes, dist = _rank0_writes(sharded)
     error = None
     if writes:
@@ -185,6 +204,82 @@ def _layer_entry(entry: Mapping[str, Any]) -> tuple[Any, float, bool]:
     if not isinstance(has_init, bool):
         raise StateDictError(f"'has_init': expected true or false, got {has_init!r:.80}")
     return spec, scale, has_init
+
+
+def _load_groups(model: nn.Module, config: AdapterConfig, stacks: Mapping[str, Any],
+                 members: Mapping[str, Mapping[str, Any]], weights: Mapping[str, Any], reader: Any,
+                 problems: list[str], keys: Any, used: set[str]) -> list[Group]:
+    """The file's stack groups, checked against the model: the config's ``stack`` regex must pick out
+    exactly the saved members, at the saved grid positions, with the member shape of the stacked spec."""
+    groups: list[Group] = []
+    for g in sorted(set(members) - set(stacks)):
+        problems.append(f"layers of stack group {g!r}: the file has no 'stacks' entry for it")
+    if not config.stack or set(config.stack) != set(stacks):
+        problems.append(f"stacks {sorted(stacks)}: the saved config's stack is {config.stack!r}; expected one regex "
+                        "per saved group")
+        return groups
+    try:
+        paths = _target_paths(model, config)
+        found = resolve(config, [(n, p) for p, n in paths.items()])
+    except TuckerPeftError as exc:
+        problems.append(f"stack: the saved config does not resolve on this model ({exc})")
+        return groups
+    for g, entry in stacks.items():
+        used.update(k for k in keys if k.startswith(f"{_STACK}{g}::"))  # a refused group: one problem, not two
+        if not isinstance(entry, Mapping):
+            problems.append(f"stacks[{g!r}]: expected an object, got {type(entry).__name__}")
+            continue
+        try:
+            spec, scale, has_init = _layer_entry(entry)
+        except StateDictError as exc:
+            problems.append(f"stacks[{g!r}]: bad entry ({exc})")
+            continue
+        modes = entry.get("modes")
+        if not (isinstance(modes, list) and modes and all(
+                isinstance(m, list) and len(m) == 2 and isinstance(m[0], str) and isinstance(m[1], list)
+                and m[1] and all(isinstance(v, str) for v in m[1]) for m in modes)):
+            problems.append(f"stacks[{g!r}]: 'modes' must list [name, [values]] pairs, got {modes!r:.80}")
+            continue
+        modes_t = tuple((m, tuple(v)) for m, v in modes)
+        lead = len(modes_t)
+        if lead >= spec.ndim or tuple(len(v) for _, v in modes_t) != tuple(spec.shape[:lead]):
+            problems.append(f"stacks[{g!r}]: modes {[(m, len(v)) for m, v in modes_t]} do not lead the stacked "
+                            f"shape {fmt_shape(spec.shape)}")
+            continue
+        saved = {p: e.get("index") for p, e in members.get(g, {}).items()}
+        sizes = tuple(spec.shape[:lead])
+        index = {p: tuple(i) for p, i in saved.items() if isinstance(i, list) and len(i) == lead
+                 and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < n for x, n in zip(i, sizes))}
+        if len(index) != len(saved) or len(set(index.values())) != len(index) or len(index) != math.prod(sizes):
+            problems.append(f"stacks[{g!r}]: the saved member indices do not fill the grid {fmt_shape(sizes)} once")
+            continue
+        want = {p: tuple(v[x] for (_, v), x in zip(modes_t, i)) for p, i in index.items()}
+        here = {p: vals for _, p, vals in found.get(g, [])}
+        if here != want:
+            gone = sorted(set(want) - set(here))
+            new = sorted(set(here) - set(want))
+            moved = sorted(p for p in set(want) & set(here) if want[p] != here[p])
+            problems.append(f"stack group {g!r}: this model's members differ from the saved ones; expected exactly "
+                            f"those members (missing here: {gone[:4]}, extra here: {new[:4]}, at other grid "
+                            f"positions: {moved[:4]})")
+            continue
+        member_shape = tuple(spec.shape[lead:])
+        bad = [p for p in saved if tuple(weights[p][2].shape) != member_shape]
+        if bad:
+            problems.append(f"stack group {g!r}: members {bad[:4]} have weight shapes "
+                            f"{[fmt_shape(weights[p][2].shape) for p in bad[:4]]}; the file's member shape is "
+                            f"{fmt_shape(member_shape)}")
+            continue
+        first = weights[next(iter(saved))][2]
+        params, init = reader(f"{_STACK}{g}::", spec, has_init, _adapter_dtype(first))
+        known = set(spec.param_shapes) | ({f"init::{k}" for k in spec.param_shapes} if has_init else set())
+        stray = [k for k in keys if k.startswith(f"{_STACK}{g}::") and k[len(f"{_STACK}{g}::"):] not in known]
+        if stray:
+            problems.append(f"unexpected tensors in the file: {stray[:5]}")
+        order = [p for p in weights if p in saved]  # model order
+        groups.append(Group(g, spec, scale, params, init if has_init else None, {p: index[p] for p in order},
+                            modes_t, owner_path([p.rsplit(".", 1)[0] if "." in p else "" for p in order], model)))
+    return groups
 
 
 class _Snapshot:
@@ -276,7 +371,30 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     used: set[str] = set()
     touched: list[torch.Tensor] = []
     sharded = False
+
+    def reader(prefix: str, spec: Any, has_init: bool, dtype: torch.dtype) -> tuple[dict, dict]:
+        """The file's params (and 'hosvd' start) under ``prefix``, checked; problems noted, used keys marked."""
+        params: dict[str, torch.Tensor] = {}
+        init: dict[str, torch.Tensor] = {}
+        for k, shp in spec.param_shapes.items():
+            for store, key in ((params, f"{prefix}{k}"), (init, f"{prefix}init::{k}")):
+                if store is init and not has_init:
+                    continue
+                t = tensors.get(key)
+                used.add(key)
+                if t is None:
+                    problems.append(f"{key}: missing from the file")
+                elif _check_tensor(key, t, shp, allow_nonfinite, problems, nonfinite):
+                    if t.dtype != dtype:
+                        casts.add((str(t.dtype).replace("torch.", ""), str(dtype).replace("torch.", "")))
+                    store[k] = t.to(dtype)
+        return params, init
+
+    members: dict[str, dict[str, Any]] = {}  # stack group -> member path -> its layer entry
     for p, entry in meta["layers"].items():
+        if "stack" in entry:
+            members.setdefault(str(entry["stack"]), {})[p] = entry
+            continue
         try:
             spec, scale, has_init = _layer_entry(entry)
         except StateDictError as exc:
@@ -290,20 +408,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         if tuple(w.shape) != tuple(spec.shape):
             problems.append(f"{p}: adapter is for weight shape {fmt_shape(spec.shape)}, the model's is {fmt_shape(w.shape)}")
             continue
-        dtype = _adapter_dtype(w)
-        params, init = {}, {}
-        for k, shp in spec.param_shapes.items():
-            for store, key in ((params, f"{p}::{k}"), (init, f"{p}::init::{k}")):
-                if store is init and not has_init:
-                    continue
-                t = tensors.get(key)
-                used.add(key)
-                if t is None:
-                    problems.append(f"{key}: missing from the file")
-                elif _check_tensor(key, t, shp, allow_nonfinite, problems, nonfinite):
-                    if t.dtype != dtype:
-                        casts.add((str(t.dtype).replace("torch.", ""), str(dtype).replace("torch.", "")))
-                    store[k] = t.to(dtype)
+        params, init = reader(f"{p}::", spec, has_init, _adapter_dtype(w))
         try:
             _check_free(mod, attr, p, name, "hosvd" if has_init else "zero")
         except TuckerPeftError as exc:
@@ -313,6 +418,22 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
             touched.append(w)
         module_path = p.rsplit(".", 1)[0] if "." in p else ""
         targets.append(Target(p, module_path, attr, type(mod).__name__, spec, scale, params, init if has_init else None))
+    if members or meta.get("stacks"):
+        groups = _load_groups(model, config, meta.get("stacks") or {}, members, weights, reader, problems,
+                              list(tensors), used)
+        for g in groups:
+            for p in g.members:
+                mod, attr, w = weights[p]
+                sharded |= _is_dtensor(w)
+                try:
+                    _check_free(mod, attr, p, name, "hosvd" if g.init_params is not None else "zero")
+                except TuckerPeftError as exc:
+                    if not _is_dtensor(w):
+                        problems.append(str(exc))
+                if g.init_params is not None:
+                    touched.append(w)
+                targets.append(Target(p, p.rsplit(".", 1)[0] if "." in p else "", attr, type(mod).__name__,
+                                      g.spec.member(g.lead), g.scale, {}, None, g, g.members[p]))
     if not meta["layers"]:
         problems.append("the file adapts no layer ('layers' is empty)")
     base = {k: v for k, v in tensors.items() if k.startswith("base::")}
@@ -369,7 +490,13 @@ def _check_sharded(model: nn.Module, name: str, targets: list[Target]) -> list[s
     for t in targets:
         d = hooks.get(t.path)
         d = d.adapters[name] if d is not None and name in d.adapters else None
-        if d is None:
+        if t.group is not None and isinstance(d, StackMember):
+            sd = d.stacked
+            if sd.spec != t.group.spec or sd.scale != t.group.scale or sd.members != t.group.members:
+                problems.append(f"{t.path}: stack group {t.group.name!r} of adapter {name!r} on this sharded model is "
+                                f"{sd.spec!r} (scale {sd.scale}); the file holds {t.group.spec!r} (scale {t.group.scale})")
+            continue
+        if d is None or t.group is not None:
             problems.append(f"{t.path}: this FSDP2-sharded model has no adapter {name!r} here; inject the same config "
                             "before fully_shard, then load_adapter into it (or load before fully_shard)")
         elif d.spec != t.spec or d.scale != t.scale or d.has_init != (t.init_params is not None):
@@ -383,8 +510,15 @@ def _load_sharded(model: nn.Module, name: str, targets: list[Target], base: Mapp
     """Copy loaded values into the existing, sharded adapter params (a collective: every rank calls it)."""
     hooks = dict(adapted_layers(model))
     pairs = []
+    done: set[int] = set()
     for t in targets:
         d = hooks[t.path].adapters[name]
+        if t.group is not None:  # the group's params, once
+            if id(d.stacked) not in done:
+                done.add(id(d.stacked))
+                pairs += [(d.stacked.params[k], v) for k, v in t.group.params.items()]
+                pairs += [(getattr(d.stacked, f"init_{k}"), v) for k, v in (t.group.init_params or {}).items()]
+            continue
         pairs += [(d.params[k], v) for k, v in t.params.items()]
         pairs += [(getattr(d, f"init_{k}"), v) for k, v in (t.init_params or {}).items()]
     extras = adapter_extras(model, name) if base else {}

@@ -40,7 +40,7 @@ def _offset(layer: Any, sd: dict[str, Any], prefix: str) -> torch.Tensor | None:
             init = {k: sd.get(f"{prefix}adapters.{n}.init_{k}", v) for k, v in d.init_params().items()}
             parts.append((init, 1.0))
         if n in merged:
-            params = {k: sd.get(f"{prefix}adapters.{n}.params.{k}", v) for k, v in d.params.items()}
+            params = {k: sd.get(f"{prefix}adapters.{n}.params.{k}", v) for k, v in d.param_dict().items()}
             parts.append((params, -1.0))
         for params, sign in parts:
             if any(type(v).__name__ == "DTensor" for v in params.values()):

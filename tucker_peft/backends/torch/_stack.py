@@ -352,6 +352,15 @@ class StackMember(DeltaWeight):
         g = self.stacked
         return g.spec.slice(g.init_params(), self.index) if g.init_names else {}
 
+    def delta_weight(self) -> torch.Tensor:
+        """``s·ΔW`` of the member; under torch.compile a member without a three-stage form is the plain
+        ``torch.einsum`` of its einsum terms (the core's planned contraction does not trace)."""
+        if self._structured or not torch.compiler.is_compiling():
+            return super().delta_weight()
+        spec = self.spec
+        dw = torch.einsum(spec._recon_eq, *spec._operands(torch, self.param_dict())) * self.scale
+        return dw.reshape(spec.shape)
+
     def extra_repr(self) -> str:
         return f"member {self.index} of stack {self.stacked.group!r}: {self.spec!r}, scale={self.scale}"
 
