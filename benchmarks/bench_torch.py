@@ -58,6 +58,7 @@ kinds through another checkout's binding, e.g. the main branch, for an eager A/B
     python benchmarks/bench_torch.py                   # both models, 20 rounds (~16 minutes on 2 busy cores)
     python benchmarks/bench_torch.py --model cnn --rounds 30
     python benchmarks/bench_torch.py --quick           # smoke run, tiny sizes
+    python benchmarks/bench_torch.py --model stack     # cross-layer stack vs per-layer (issue 12), ~2 minutes
     python benchmarks/bench_torch.py --markdown tables.md --json out.json
     python benchmarks/bench_torch.py --strict          # exit 1 if a target fails
 """
@@ -995,7 +996,7 @@ def run_stack(args: argparse.Namespace, tables: list[Table], checks: list[Check]
         params = [p for p in m.parameters() if p.requires_grad]
         counts[name] = sum(p.numel() for p in params)
         opt = torch.optim.AdamW(params, lr=1e-4) if params else None
-        xin = x.clone().requires_grad_(not params)  # the floor: backward to the input, no weight gradients
+        xin = x.clone().requires_grad_()  # every row: backward to the input; the floor has no weight gradients
 
         def step(m: nn.Module = m, opt: Any = opt, xin: torch.Tensor = xin) -> None:
             if opt is not None:

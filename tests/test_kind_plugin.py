@@ -285,13 +285,29 @@ def test_plugin_kind_must_be_registered_to_load_and_export_says_why(plugins, tmp
         export_peft_lora(model, tmp_path / "peft")
 
 
-def test_lokr_export_to_lora_is_refused_with_the_kinds_note(tmp_path):
-    from tucker_peft.backends.torch import export_peft_lora
+@pytest.mark.parametrize("init", ["zero", "hosvd"])
+def test_lokr_exports_exactly_to_peft_lora_even_from_an_hosvd_start(tmp_path, init):
+    """LoKr's lora_factors (kron of the factor pairs) make export_peft_lora exact; an 'hosvd' start, which PEFT's
+    LoKr format cannot hold (one Kronecker product, not f(params) - f(start)), goes this way."""
+    peft = pytest.importorskip("peft")
+    from tucker_peft.backends.torch import export_peft, export_peft_lora
 
-    model = inject(_net(), AdapterConfig(kind="lokr", ranks=2, target_modules=["lin"]))
-    with pytest.raises(tp.TuckerPeftError, match="Kronecker product has no low-rank unfolding"):
+    model = inject(_net(), AdapterConfig(kind="lokr", ranks=2, init=init, target_modules=MODULES))
+    _perturb(model)
+    if init == "hosvd":  # on layers PEFT's LoKr takes (not c1: a full 3-D W2), refused for the start alone
+        native = inject(_net(), AdapterConfig(kind="lokr", ranks=2, init=init, target_modules=["lin", "c2"]))
+        with pytest.raises(tp.TuckerPeftError, match="init='hosvd'.*export_peft_lora"):
+            export_peft(native, tmp_path / "native")
+        assert not (tmp_path / "native").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the size warning: kron(U1, U2) has rank rank(W1)·rank(W2)
         export_peft_lora(model, tmp_path / "peft")
-    assert not (tmp_path / "peft").exists()
+        loaded = peft.PeftModel.from_pretrained(_net(), str(tmp_path / "peft"))
+    x = _inputs()
+    with torch.no_grad():
+        want, got, base = model(*x), loaded(*x), _net()(*x)
+    assert (want - base).abs().max() > 1e-3  # the adapter changes the output: equality below is not vacuous
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_hosvd_init_uses_the_kinds_principal_init(plugins):
@@ -361,3 +377,147 @@ def test_ranks_command_takes_plugin_kinds_by_name_and_module_class(plugins, tmp_
     assert row["specs"]["lora"]["ranks"] == str(budget // 28)
     rc = main(["ranks", path, "--budget", "100", "--kinds", "gatedlora,nope:Nothing"])
     assert rc == 2 and "nope:Nothing" in capsys.readouterr().err
+
+
+@dataclass(frozen=True)
+class GatedLoRAIn(GatedLoRA):
+    """GatedLoRA whose energy rule reads the input side: the rank of the mode-1 unfolding."""
+
+    kind: ClassVar[str] = "gatedlora_in"
+
+    @classmethod
+    def for_energy(cls, shape, energy, rank_of):
+        if energy[1] is None:
+            raise RankError("gatedlora_in takes its rank from the energy of mode 1, got 'none' there")
+        return cls.for_ranks(shape, rank_of(1, energy[1]))
+
+
+def test_extract_energy_asks_the_kind_which_modes_it_reads(plugins, tmp_path, capsys):
+    import json
+
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    from safetensors import safe_open
+
+    from tucker_peft.cli import main
+
+    rng = np.random.default_rng(0)
+    base = {"a.weight": rng.standard_normal((16, 12)).astype(np.float32),
+            "b.weight": rng.standard_normal((8, 4, 3, 3)).astype(np.float32)}
+    tuned = {n: (w + (rng.standard_normal((w.shape[0], 2)) @ rng.standard_normal((2, w[0].size))).reshape(w.shape))
+             .astype(np.float32) for n, w in base.items()}  # rank 2 on mode 0; on mode 1 of the conv, 4
+    safetensors_numpy.save_file(base, str(tmp_path / "b.safetensors"))
+    safetensors_numpy.save_file(tuned, str(tmp_path / "t.safetensors"))
+
+    def ref_rank(n, mode):  # the smallest rank keeping 0.9999 of the unfolding's σ², by numpy
+        dw = tuned[n].astype(np.float64) - base[n]
+        s2 = np.linalg.svd(np.moveaxis(dw, mode, 0).reshape(dw.shape[mode], -1), compute_uv=False) ** 2
+        return int(np.argmax(np.cumsum(s2) / s2.sum() >= 0.9999)) + 1
+
+    def extract(kind, energy, out):
+        return main(["extract", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), "--kind", kind,
+                     "--energy", energy, "-o", str(tmp_path / out), "-q"])
+
+    def ranks(out):
+        with safe_open(str(tmp_path / out / "tucker_peft_adapter.safetensors"), framework="numpy") as f:
+            return {n: v["spec"]["rank"] for n, v in json.loads(f.metadata()["config"])["layers"].items()}
+
+    tp.register("gatedlora_in", GatedLoRAIn)
+    try:
+        assert extract("gatedlora", "0.9999", "a0") == 0, capsys.readouterr().err
+        assert ranks("a0") == {n: ref_rank(n, 0) for n in base} == {"a.weight": 2, "b.weight": 2}
+        assert extract("gatedlora_in", "none,0.9999", "a1") == 0, capsys.readouterr().err
+        assert ranks("a1") == {n: ref_rank(n, 1) for n in base} and ranks("a1")["b.weight"] == 4
+        capsys.readouterr()
+        assert extract("gatedlora", "none,0.9999", "a2") == 2  # the default kind reads mode 0: refused up front
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "gatedlora takes its rank from the energy of mode 0" in err
+        assert not (tmp_path / "a2").exists()
+    finally:
+        _base._REGISTRY.pop("gatedlora_in", None)
+
+
+@dataclass(frozen=True)
+class GatedLoRAShown(GatedLoRA):
+    """GatedLoRA with neither a ``ranks`` nor a ``rank`` field name the summary could guess from."""
+
+    kind: ClassVar[str] = "gatedlora_shown"
+
+    def describe_ranks(self):
+        return f"g{self.rank}"
+
+
+def test_summary_shows_ranks_as_each_kind_describes_them(plugins):
+    from tucker_peft.backends.torch import summary
+
+    tp.register("gatedlora_shown", GatedLoRAShown)
+    try:
+        for kind, want in [("gatedlora_shown", "g"), ("tt", None), ("lokr", None)]:
+            model = inject(_net(), AdapterConfig(kind=kind, ranks=2, target_modules=["lin", "c2"]))
+            rows = summary(model).rows
+            specs = {p.rsplit(".", 1)[0]: d.spec for p, d in _adapters(model).items()}
+            assert [r["ranks"] for r in rows] == [specs[r["layer"]].describe_ranks() for r in rows]
+            if want:
+                assert all(r["ranks"].startswith(want) for r in rows)
+    finally:
+        _base._REGISTRY.pop("gatedlora_shown", None)
+
+
+def test_loha_effective_conv_trains_and_exports_to_peft_with_equal_outputs(tmp_path, r=4):
+    """kind_options={'effective_conv': True} is PEFT's use_effective_conv2d: Tucker-2 halves on conv kernels
+    (Conv1d, Conv2d, grouped and dilated), flat on 1×1 convs and Linear, as PEFT decides per layer."""
+    peft = pytest.importorskip("peft")
+    from tests.test_torch_export_peft_kinds import ALL, _check, _trained
+
+    m = _trained(AdapterConfig(kind="loha", budget=f"lora:{r}", kind_options={"effective_conv": True},
+                               target_modules=ALL, alpha=0.7))
+    specs = {h.layer_name: d.spec for _, h in adapted_layers(m) for d in h.adapters.values()}
+    assert {n for n, s in specs.items() if s.effective} == {"conv", "gd", "c1"}  # not pw (1×1) nor fc
+    assert all(s.num_params <= tp.LoRA(s.shape, min(r, s.shape[0])).num_params for s in specs.values())
+    cfg, loaded = _check(m, tmp_path, "LOHA")  # 2 Adam steps here, then PEFT's outputs equal ours
+    assert cfg["use_effective_conv2d"] is True
+    built = {n.removeprefix("base_model.model."): "default" in mod.hada_t1 for n, mod in loaded.named_modules()
+             if isinstance(mod, peft.tuners.loha.LoHaLayer)}
+    assert built == {n: s.effective for n, s in specs.items()}  # PEFT made cores exactly where we have them
+    from tests.test_torch_export_peft_kinds import X, _base
+
+    save_adapter(m, tmp_path / "ad")  # the option survives save and load
+    fresh = load_adapter(_base(), tmp_path / "ad")
+    assert {h.layer_name: d.spec for _, h in adapted_layers(fresh) for d in h.adapters.values()} == specs
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(X), m(X))
+
+
+def test_lokr_effective_conv_trains_and_exports_to_peft_with_equal_outputs(tmp_path):
+    """kind_options={'effective_conv': True} is PEFT LoKr's use_effective_conv2d: a low-rank W2 on a kernel is a
+    Tucker-2 (lokr_t2); full W2, 1×1 convs and Linear stay as they were, as PEFT decides."""
+    peft = pytest.importorskip("peft")
+    from tests.test_torch_export_peft_kinds import ALL, _check, _trained
+    from tucker_peft.backends.torch import export_peft
+
+    def config(targets):
+        return AdapterConfig(kind="lokr", budget="lora:1", kind_options={"effective_conv": True},
+                             target_modules=targets, alpha=0.7)
+
+    # PEFT's own Conv1d LoKr with use_effective_conv2d fails (peft 0.21), so export refuses that layer
+    net = nn.Sequential(nn.Conv1d(8, 12, 3, padding=1)).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(net, peft.LoKrConfig(r=1, target_modules=["0"], use_effective_conv2d=True,
+                                                      init_weights=False))
+    with pytest.raises(RuntimeError):
+        pm(torch.randn(2, 8, 5, dtype=torch.float64))
+    m = _trained(config(ALL))
+    assert dict(adapted_layers(m))["c1.weight"].adapters["default"].spec.effective
+    with pytest.raises(tp.TuckerPeftError, match="Conv1d.*effective_conv"):
+        export_peft(m, tmp_path / "c1")
+    assert not (tmp_path / "c1").exists()
+
+    m = _trained(config([t for t in ALL if t != "c1"]))
+    specs = {h.layer_name: d.spec for _, h in adapted_layers(m) for d in h.adapters.values()}
+    assert {n for n, s in specs.items() if s.effective} >= {"conv"}  # Conv2d 3×3
+    assert not specs["pw"].effective and not specs["fc"].effective
+    cfg, loaded = _check(m, tmp_path, "LOKR")  # 2 Adam steps here, then PEFT's outputs equal ours
+    assert cfg["use_effective_conv2d"] is True
+    built = {n.removeprefix("base_model.model."): "default" in mod.lokr_t2 for n, mod in loaded.named_modules()
+             if isinstance(mod, peft.tuners.lokr.LoKrLayer)}
+    assert built == {n: s.effective for n, s in specs.items()}  # PEFT made t2 exactly where we have it

@@ -3,6 +3,7 @@ the errors of the new kinds, and CP-ALS without tensorly's global backend."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tucker_peft as tp
@@ -355,3 +356,243 @@ def test_fit_als_asks_the_kind_for_its_solver(gated):
     res = tp.fit(GatedALS((6, 4), 2), t, steps=3, init="random", scale=2.0)
     assert len(sweeps) == 3 and res.params["B"] is sweeps[-1]
     assert res.final_error < res.init_error
+
+
+# -- sample_spec, min_modes: the property strategies ask each kind for its ranks ---------------------
+
+BUILT_IN = ("tucker", "tucker2", "cp", "lora", "tt", "lokr", "loha")
+
+
+def _rng_pick(rng):
+    return lambda options: options[int(rng.integers(len(options)))]
+
+
+def _samples(kind, shape, n=80, seed=0):
+    rng = np.random.default_rng(seed)
+    out = [tp.lookup(kind).sample_spec(shape, _rng_pick(rng)) for _ in range(n)]
+    for s in out:
+        assert type(s) is tp.lookup(kind) and s.shape == shape
+        assert s.reconstruct(s.init("random", seed=0)).shape == shape  # the constructor validated it; it builds
+    return out
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (6, 4, 3), (4, 2, 2, 3)])
+def test_sample_spec_of_each_built_in_kind_covers_its_ranks_and_options(shape):
+    out, k = shape[0], math.prod(shape[1:])
+    tucker = _samples("tucker", shape)
+    for n, d in enumerate(shape):  # every mode: None and each rank 1..I_n
+        assert {s.ranks[n] for s in tucker} == {None, *range(1, d + 1)}
+    tucker2 = _samples("tucker2", shape)
+    assert {s.ranks[0] for s in tucker2} == set(range(1, out + 1)) and all(s.ranks[2:] == (None,) * (len(shape) - 2)
+                                                                          for s in tucker2)
+    cp = _samples("cp", shape)
+    assert {s.rank for s in cp} == set(range(1, min(math.prod(shape) // max(shape), 6) + 1))
+    for kind in ("lora", "loha"):
+        assert {s.rank for s in _samples(kind, shape)} == set(range(1, min(out, k, 6) + 1))
+    assert {s.effective for s in _samples("loha", shape)} == ({False, True} if k > shape[1] else {False})
+    tt = _samples("tt", shape, n=200)
+    assert {s.tensorize is None for s in tt} == {True, False}  # whole modes and split ones
+    assert any(len(set(s.ranks)) > 1 for s in tt)  # per-bond ranks, not only a broadcast int
+    assert max(max(s.ranks) for s in tt) <= 6
+    lokr = _samples("lokr", (16, 12, *shape[2:]), n=160)  # blocks large enough for a low-rank W2
+    assert {(s.factor, s.decompose_both, s.full_w2) for s in lokr} >= {(f, b, w) for f in (-1, 2)
+                                                                      for b in (False, True) for w in (False, True)}
+    assert {s.effective for s in lokr} == ({False, True} if k > shape[1] else {False})
+
+
+def test_sample_spec_defaults_to_the_budget_family(gated):
+    family, t_max = GatedLoRA.budget_family((6, 4))
+    assert GatedLoRA.sample_spec((6, 4), lambda o: o[0]) == family(1)
+    assert GatedLoRA.sample_spec((6, 4), lambda o: o[-1]) == family(t_max) == GatedLoRA((6, 4), 4)
+    seen = {GatedLoRA.sample_spec((6, 4), _rng_pick(np.random.default_rng(s))).rank for s in range(40)}
+    assert seen == {1, 2, 3, 4}
+
+
+@given(data=st.data())
+def test_specs_pads_drawn_shapes_to_the_kinds_min_modes_and_keeps_given_ones(data):
+    spec = data.draw(tpst.specs(kinds=["lokr"], shape_strategy=tpst.shapes(min_ndim=1, max_ndim=1)))
+    assert tp.LoKr.min_modes == 2 and len(spec.shape) == 2 and spec.shape[1] == 2
+    spec = data.draw(tpst.specs(kinds=["lokr", "lora"], shape=(5,)))  # LoKr cannot take (5,): never drawn
+    assert spec.kind == "lora" and spec.shape == (5,)
+
+
+@settings(max_examples=1)
+@given(data=st.data())
+def test_specs_refuses_a_shape_no_kind_takes(data):
+    with pytest.raises(TuckerPeftError, match=r"none of the kinds \['lokr'\] takes a shape of 1 modes"):
+        data.draw(tpst.specs(kinds=["lokr"], shape=(5,)))
+
+
+# -- for_energy: the energy rule per kind -------------------------------------------------------------
+
+def _energy_rank(t, n, e):
+    """Independent reference: the smallest r whose leading σ² of the mode-n unfolding keep a fraction e."""
+    s2 = np.linalg.svd(np.moveaxis(t, n, 0).reshape(t.shape[n], -1), compute_uv=False) ** 2
+    return int(np.argmax(np.cumsum(s2) / s2.sum() >= e - 1e-12)) + 1
+
+
+def _tucker_tensor(shape, ranks, seed=0):
+    rng = np.random.default_rng(seed)
+    t = rng.standard_normal(ranks)
+    for n, (d, r) in enumerate(zip(shape, ranks)):
+        q, _ = np.linalg.qr(rng.standard_normal((d, r)))
+        t = np.moveaxis(np.tensordot(q, t, axes=(1, n)), 0, n)
+    return t
+
+
+@pytest.mark.parametrize("kind", BUILT_IN)
+def test_for_energy_reads_the_modes_the_kind_takes_its_ranks_from(kind):
+    from tucker_peft.cli._ranks import energy_spec
+
+    shape, true = (6, 5, 3, 4), (2, 3, 1, 2)
+    t = _tucker_tensor(shape, true)
+    e = 0.99999
+    asked = []
+
+    def rank_of(n, frac):
+        asked.append(n)
+        return _energy_rank(t, n, frac)
+
+    cls = tp.lookup(kind)
+    spec = cls.for_energy(shape, [e] * 4, rank_of)
+    if kind == "tucker":
+        want, modes = tp.Tucker(shape, true), [0, 1, 2, 3]
+        assert cls.for_energy(shape, [e, None, e, e], rank_of) == tp.Tucker(shape, (2, None, 1, 2))
+    elif kind == "tucker2":
+        want, modes = tp.Tucker2(shape, true[:2]), [0, 1]
+        assert cls.for_energy(shape, [None, e, e, e], rank_of) == tp.Tucker2(shape, (None, 3))
+    else:  # one rank from the mode-0 unfolding, clipped like any rank
+        want, modes = cls.for_ranks(shape, true[0]), [0]
+        with pytest.raises(RankError, match="takes its rank from the energy of mode 0, got 'none' there"):
+            cls.for_energy(shape, [None, e, e, e], rank_of)
+    assert spec == want and asked[: len(modes)] == modes and set(asked) <= set(modes)
+    # the CLI's rule: the same spec through ranks.by_energy on the tensor
+    assert energy_spec(kind, shape, (e,), t) == want
+
+
+def test_for_energy_defaults_to_the_mode_0_rank_for_a_kind_from_outside(gated):
+    t = _tucker_tensor((6, 5, 4), (3, 2, 2))
+    assert GatedLoRA.for_energy((6, 5, 4), [0.99999, None, None], lambda n, e: _energy_rank(t, n, e)) == \
+        GatedLoRA((6, 5, 4), 3)
+
+
+# -- no code outside a kind's own file branches on which kind it is -----------------------------------
+
+#: The compare harness measures every kind against LoRA at the same budget: "lora" there names the baseline
+#: of the comparison (a research choice), not kind behaviour.
+BASELINE_LITERALS = {"compare/stats.py": {"lora"}, "compare/runner.py": {"lora"}}
+
+
+def _kind_branches(path, source, names, classes):
+    """``(line, text)`` of each comparison with a built-in kind's name, isinstance/issubclass/type-is on a kind
+    class, match case on a kind name, or dispatch dict keyed by kind names, in ``source``."""
+    import ast
+
+    def kind_literals(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+            return {node.value}  # case-sensitive: kind names are lower case; 'LORA' is PEFT's peft_type
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return set().union(*map(kind_literals, node.elts))
+        return set()
+
+    def kind_class(node):
+        if isinstance(node, ast.Tuple):
+            return any(kind_class(e) for e in node.elts)
+        return (isinstance(node, ast.Name) and node.id in classes) or \
+            (isinstance(node, ast.Attribute) and node.attr in classes)
+
+    allowed = BASELINE_LITERALS.get(path, set())
+    tree = ast.parse(source)
+    # module constants holding kind names (e.g. a tuple of "per-mode" kinds) count as the names themselves
+    consts = {t.id for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign)) and n.value is not None
+              and kind_literals(n.value)
+              for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
+    out = []
+    for node in ast.walk(tree):
+        hit = False
+        if isinstance(node, ast.Compare):
+            ops = [node.left, *node.comparators]
+            lits = set().union(*map(kind_literals, ops))
+            hit = bool(lits - allowed) or any(kind_class(o) for o in ops) or \
+                any(isinstance(o, ast.Name) and o.id in consts for o in ops)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+                node.func.id in ("isinstance", "issubclass") and len(node.args) == 2:
+            hit = kind_class(node.args[1])
+        elif isinstance(node, ast.MatchValue):
+            hit = bool(kind_literals(node.value))
+        elif isinstance(node, ast.Dict):
+            hit = sum(bool(kind_literals(k)) for k in node.keys if k is not None) >= 2
+        if hit:
+            out.append((node.lineno, ast.get_source_segment(source, node)))
+    return out
+
+
+def test_no_code_outside_a_kinds_own_file_branches_on_which_kind_it_is():
+    import inspect
+    from pathlib import Path
+
+    builtin = {k: tp.lookup(k) for k in ("tucker", "tucker2", "cp", "lora", "tt", "lokr", "loha")}
+    kind_files = {Path(inspect.getsourcefile(c)).resolve() for c in builtin.values()}
+    root = Path(tp.__file__).resolve().parent
+    names, classes = set(builtin), {c.__name__ for c in builtin.values()}
+    found = []
+    for f in sorted(root.rglob("*.py")):
+        if f.resolve() in kind_files:
+            continue
+        rel = f.relative_to(root).as_posix()
+        found += [f"{rel}:{line}: {text}" for line, text in _kind_branches(rel, f.read_text(), names, classes)]
+    assert not found, "kind-specific branches outside the kind files (move them behind a contract member):\n" + \
+        "\n".join(found)
+
+
+def test_the_branch_scanner_finds_what_it_looks_for():
+    src = '''
+if kind == "tucker": pass
+if spec.kind in ("lora", "cp"): pass
+if isinstance(spec, (Tucker, tp.LoKr)): pass
+if type(spec) is TT: pass
+match kind:
+    case "loha": pass
+f = {"tucker": 1, "cp": 2}[kind]
+if kind != "lora": pass
+ok = kind == "other" or isinstance(spec, Parametrization)
+PER_MODE = ("tucker", "tucker2")
+if kind not in PER_MODE: pass
+'''
+    names, classes = {"tucker", "cp", "lora", "loha"}, {"Tucker", "LoKr", "TT"}
+    lines = [line for line, _ in _kind_branches("x.py", src, names, classes)]
+    assert sorted(lines) == [2, 3, 4, 5, 7, 8, 9, 12]
+    # in a listed compare file only the baseline "lora" alone is let through
+    assert sorted(line for line, _ in _kind_branches("compare/stats.py", src, names, classes)) == [2, 3, 4, 5, 7, 8, 12]
+
+
+# -- effective_conv (PEFT's use_effective_conv2d) for LoHa and LoKr ----------------------------------
+
+@pytest.mark.parametrize("spec", [tp.LoHa((8, 6, 3, 3), 2, True), tp.LoHa((8, 5, 3), 3, True),
+                                  tp.LoKr((16, 12, 3, 3), 1, effective_conv=True),
+                                  tp.LoKr((36, 36, 3, 2), 2, decompose_both=True, effective_conv=True)],
+                         ids=["loha-conv2d", "loha-conv1d", "lokr-conv2d", "lokr-both"])
+def test_effective_conv_principal_init_is_exact_on_a_tensor_of_its_form(spec):
+    """init('hosvd') gives back a tensor of the form it fits exactly: for LoHa a Tucker-2 of ranks (r, r) (its
+    first half, the second all ones), for LoKr any s·ΔW (kron of W1 and a Tucker-2 W2); and ΔW = 0 at
+    init('zero') with the zero block where PEFT puts it."""
+    assert spec.effective and "t2" in spec.param_shapes
+    if spec.kind == "loha":
+        t2 = tp.Tucker2(spec.shape, spec.rank)
+        w = np.asarray(t2.reconstruct(t2.init("random", seed=3)))
+    else:
+        w = 1.7 * np.asarray(spec.reconstruct(spec.init("random", seed=3)))
+    got = 1.7 * np.asarray(spec.reconstruct(spec.init("hosvd", tensor=w, scale=1.7)))
+    np.testing.assert_allclose(got, w, rtol=1e-9, atol=1e-12)
+    zero = spec.init("zero", seed=0)
+    assert not np.any(spec.reconstruct(zero))
+    assert spec.zero_block_size == sum(v.size for v in zero.values() if not np.any(v))
+
+
+def test_effective_conv_is_ignored_where_peft_ignores_it():
+    for spec in (tp.LoHa((8, 6), 2, True), tp.LoHa((8, 6, 1, 1), 2, True), tp.LoKr((16, 12, 1, 1), 1, effective_conv=True),
+                 tp.LoKr((16, 12, 3, 3), 2, effective_conv=True)):  # the last: W2 full at r >= max(b, d)/2
+        plain = dataclasses.replace(spec, effective_conv=False)
+        assert not spec.effective and spec.param_shapes == plain.param_shapes and spec.num_params == plain.num_params
+    with pytest.raises(TuckerPeftError, match="effective_conv: expected a bool"):
+        tp.LoHa((8, 6, 3), 2, "yes")

@@ -47,6 +47,9 @@ def dense(spec, p):
         return dense_tt(spec, p)
     if isinstance(spec, tp.LoKr):
         return dense_lokr(spec, p)
+    if isinstance(spec, tp.LoHa) and "t1" in p:  # PEFT's make_weight_cp: each half a Tucker-2 of the kernel
+        h1, h2 = (np.einsum("ij...,ip,jq->pq...", p[f"t{h}"], p[f"w{h}_a"], p[f"w{h}_b"]) for h in (1, 2))
+        return h1 * h2
     if isinstance(spec, tp.LoHa):
         return ((p["w1_a"] @ p["w1_b"]) * (p["w2_a"] @ p["w2_b"])).reshape(spec.shape)
     return (p["B"] @ p["A"]).reshape(spec.shape)
@@ -69,7 +72,8 @@ def dense_lokr(spec, p):
     """np.kron of W1 (padded to W2's ndim) and W2, as PEFT's make_kron."""
     w1 = p["w1"] if "w1" in p else p["w1_a"] @ p["w1_b"]
     b, d = w1.shape[0] and spec.shape[0] // w1.shape[0], spec.shape[1] // w1.shape[1]
-    w2 = p["w2"] if "w2" in p else (p["w2_a"] @ p["w2_b"]).reshape(b, d, *spec.shape[2:])
+    w2 = p["w2"] if "w2" in p else (p["w2_a"] @ p["w2_b"]).reshape(b, d, *spec.shape[2:]) if "t2" not in p else \
+        np.einsum("ij...,ip,jr->pr...", p["t2"], p["w2_a"], p["w2_b"])  # PEFT's make_weight_cp
     return np.kron(w1.reshape(*w1.shape, *(1,) * (spec.ndim - 2)), w2)
 
 
@@ -84,6 +88,8 @@ def num_params_formula(spec):
     k = math.prod(shape[1:])
     if isinstance(spec, tp.LoRA):
         return spec.rank * (shape[0] + k)
+    if isinstance(spec, tp.LoHa) and spec.effective_conv and len(shape) >= 3 and k > shape[1]:
+        return 2 * (spec.rank ** 2 * (k // shape[1]) + spec.rank * (shape[0] + shape[1]))
     if isinstance(spec, tp.LoHa):
         return 2 * spec.rank * (shape[0] + k)
     if isinstance(spec, tp.TT):
@@ -94,6 +100,8 @@ def num_params_formula(spec):
         r, kk = spec.rank, math.prod(shape[2:])
         w1 = r * (a + c) if spec.decompose_both and r < max(a, c) / 2 else a * c
         w2 = r * (bb + d * kk) if r < max(bb, d) / 2 else bb * d * kk
+        if spec.effective_conv and r < max(bb, d) / 2 and kk > 1:
+            w2 = r * r * kk + r * (bb + d)
         return w1 + w2
     raise AssertionError(spec)
 

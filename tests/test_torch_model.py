@@ -155,7 +155,7 @@ def test_summary_lists_each_layer():
     s = summary(m)
     assert [r["layer"] for r in s.rows] == ["emb", "conv1", "dw", "conv2", "head"]
     row = s.rows[1]
-    assert row["shape"] == (8, 3, 3, 3) and row["ranks"] == "(2, 2, 2, 2)"
+    assert row["shape"] == (8, 3, 3, 3) and row["ranks"] == "2,2,2,2"
     assert row["params"] == tp.Tucker((8, 3, 3, 3), 2).num_params
     assert abs(row["percent"] - 100 * row["params"] / (8 * 27)) < 1e-9
     text = str(s)

@@ -133,6 +133,14 @@ def test_member_slice_equals_the_slice_of_the_stacked_reconstruction(kind):
     assert sd.members["layers.2.k.weight"] == (2, 1)  # layer 2, role k (order of first appearance: q, k, v)
 
 
+def test_digit_values_are_ordered_numerically_and_unmatched_targets_stay_per_layer():
+    model = inject(_net(11), _cfg(target_modules=r"layers\.\d+\.[qkvo]"))
+    sd = _group(model)
+    assert sd.members["layers.10.q.weight"] == (10, 0) and sd.members["layers.9.v.weight"] == (9, 2)
+    o = dict(adapted_layers(model))["layers.3.o.weight"].adapters["default"]
+    assert not isinstance(o, StackMember) and o.spec.shape == (6, 6) and len(o.params) > 0
+
+
 @pytest.mark.parametrize("kind, forward", [("tucker", "auto"), ("tucker", "factorized"), ("tucker", "rebuild"),
                                            ("cp", "auto"), ("lora", "auto"), ("tt", "auto")])
 def test_linear_members_match_a_dense_reference(kind, forward):
@@ -174,6 +182,20 @@ def test_conv_members_match_a_dense_reference(kind):
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-10, atol=1e-12)
     for k, p in sd.params.items():
         torch.testing.assert_close(p.grad, ref_params[k].grad, rtol=1e-9, atol=1e-12)
+
+
+def test_parameter_targets_stack_by_their_path(tmp_path):
+    base = _net()
+    cfg = AdapterConfig(kind="cp", ranks=3, target_parameters=r"layers\.\d+\.o\.weight",
+                        stack={"o": r"layers\.(?P<layer>\d+)\.o\.weight"})
+    model = inject(copy.deepcopy(base), cfg)
+    _randomise(model)
+    sd = _group(model, group="o")
+    assert sd.spec.shape == (3, 6, 6) and set(sd.members) == {f"layers.{i}.o.weight" for i in range(3)}
+    x = _x()
+    torch.testing.assert_close(model(x), _reference(base, sd, sd.param_dict(), x), rtol=1e-10, atol=1e-12)
+    save_adapter(model, tmp_path)
+    torch.testing.assert_close(load_adapter(_net(), tmp_path)(x), model(x), rtol=1e-12, atol=1e-12)
 
 
 def test_gradcheck_through_the_members():
@@ -234,6 +256,13 @@ def test_budgets_are_the_members_lora_count_and_never_exceeded(kind, r):
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sd.spec.num_params
 
 
+def test_kind_options_apply_to_the_stacked_shape_and_matched_scale_takes_the_lead():
+    sd = _group(inject(_net(), _cfg(ranks=None, budget="lora:1", kind_options={"fixed": {0: 1}})))
+    assert sd.spec.ranks[0] == 1 and sd.spec.num_params <= 9 * 12
+    sd = _group(inject(_net(), _cfg(alpha=2.0)))
+    assert sd.scale == pytest.approx(2.0 * sd.spec.matched_scale(lead=2)) and sd.scale != 2.0 * sd.spec.matched_scale()
+
+
 def test_int_ranks_clip_per_mode_tuples_give_every_mode_and_patterns_name_the_group():
     assert _group(inject(_net(), _cfg(ranks=5))).spec.ranks == (3, 3, 5, 5)
     assert _group(inject(_net(), _cfg(ranks=(2, 3, 4, 1)))).spec.ranks == (2, 3, 4, 1)
@@ -253,10 +282,17 @@ class Odd(Net):
         self.layers[1].k = nn.Linear(6, 5)  # a member of another shape
 
 
+def _mixed() -> Net:
+    model = _net(2)
+    model.layers[1].k.float()  # a member of another dtype
+    return model
+
+
 @pytest.mark.parametrize("make, cfg, msg", [
     (_net, dict(target_modules=r"layers\.\d+\.[qkv]|layers\.0\.o", stack={"qkvo": r"layers\.(?P<l>\d+)\.(?P<r>[qkvo])"}),
      r"do not fill the grid l=3 × r=4: 2 missing \(l=1, r=o; l=2, r=o\)"),
     (lambda: Odd().double(), {}, "differ in weight shape"),
+    (_mixed, {}, "differ in dtype or device"),
     (_net, dict(stack={"a": r"layers\.(?P<l>\d+)\.[qk]", "b": r"layers\.0\.(?P<r>[qkv])"}), "matches groups"),
     (_net, dict(stack={"a": r"block\.(?P<l>\d+)"}), "matches none of the targets"),
     (_net, dict(stack={"a": r"layers\.(?P<l>\d+)\.\w"}), "both have l=0"),
@@ -289,6 +325,10 @@ def test_merge_unmerge_merge_and_unload():
     y = model(x)
     merge(model)
     torch.testing.assert_close(model(x), y, rtol=1e-10, atol=1e-12)
+    plain = _net().state_dict()  # state_dict keeps the plain model's base weights while merged
+    got = model.state_dict()
+    for k in plain:
+        torch.testing.assert_close(got[k], plain[k], rtol=1e-12, atol=1e-12)
     unmerge(model)
     torch.testing.assert_close(model(x), y, rtol=1e-10, atol=1e-12)
     plain = merge_and_unload(model)
@@ -356,6 +396,31 @@ def test_load_refuses_a_model_without_exactly_those_members(tmp_path):
         assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
 
 
+@pytest.mark.parametrize("edit, msg", [
+    (lambda c: c["layers"]["layers.0.q.weight"].update(index=[0, 7]), "do not fill the grid"),
+    (lambda c: c["layers"]["layers.0.q.weight"].update(index=[0, 1]), "do not fill the grid"),
+    (lambda c: c["stacks"]["qkv"].update(modes=[["layer", ["0", "1", "2"]], ["role", ["q", "v", "k"]]]),
+     "at other grid positions"),
+    (lambda c: c["stacks"]["qkv"].update(modes="x"), "'modes' must list"),
+    (lambda c: c["stacks"]["qkv"].update(scale=0.0), "bad entry"),
+    (lambda c: c["config"]["stack"].update(qkv=r"layers\.(?P<layer>[01])\.(?P<role>[qkv])"), "members differ"),
+])
+def test_a_tampered_stack_file_is_refused_and_the_model_unchanged(edit, msg, tmp_path):
+    from tucker_peft import _format
+    model = inject(_net(), _cfg())
+    _randomise(model)
+    save_adapter(model, tmp_path)
+    af = _format.read_adapter(tmp_path)
+    edit(af.config)
+    _format.write_adapter(tmp_path, af.tensors("torch"), af.config)
+    other = _net()
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(TuckerPeftError, match=msg):
+        load_adapter(other, tmp_path)
+    after = other.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
 def _bert():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -376,6 +441,7 @@ def test_bert_save_load_and_peft_export_round_trip(kind, init, tmp_path):
                                           stack=BERT_STACK))
     sd = _group(model)
     assert sd.spec.shape[:2] == (2, 3) and sd.members["encoder.layer.1.attention.self.key.weight"] == (1, 1)
+    assert model.get_submodule("encoder.adapter_stacks.qkv.default") is sd  # the common ancestor, not the ModuleList
     with torch.no_grad():
         for p in sd.params.values():
             p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2), dtype=p.dtype))
@@ -385,7 +451,12 @@ def test_bert_save_load_and_peft_export_round_trip(kind, init, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids).last_hidden_state, y, rtol=1e-10, atol=1e-10)
     export_peft_lora(model, tmp_path / "peft")
+    import json
     import warnings
+    r = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"]
+    # Tucker and CP members are a Tucker / CP of the member (the member's rank; doubled by 'hosvd', whose start
+    # is subtracted by stacking); LoRA's member is a generic slice, exported as its dense ΔW at full rank.
+    assert r == {"tucker": 3, "cp": 6, "lora": 16}[kind]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.PeftModel.from_pretrained(_bert(), str(tmp_path / "peft")).eval()
@@ -440,7 +511,13 @@ def _fsdp_worker(rank: int, world: int, out: str) -> None:
         with torch.no_grad():
             y = model(_x())
         save_adapter(model, os.path.join(out, "ad"))
-        torch.save({"y": y}, os.path.join(out, f"r{rank}.pt"))
+        with torch.no_grad():  # load back into the sharded model: the group's values are scattered into its shards
+            for p in _group(model).params.values():
+                p.zero_()
+        load_adapter(model, os.path.join(out, "ad"))
+        with torch.no_grad():
+            y2 = model(_x())
+        torch.save({"y": y, "y2": y2}, os.path.join(out, f"r{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -468,6 +545,7 @@ def test_fsdp2_trains_the_group_and_saves_it_once(tmp_path):
     _spawn(_fsdp_worker, tmp_path)
     r0, r1 = torch.load(tmp_path / "r0.pt"), torch.load(tmp_path / "r1.pt")
     torch.testing.assert_close(r0["y"], r1["y"])
+    torch.testing.assert_close(r0["y2"], r0["y"])
     fresh = load_adapter(_net(), tmp_path / "ad")
     with torch.no_grad():
         torch.testing.assert_close(fresh(_x()), r0["y"])
@@ -499,3 +577,18 @@ def test_compile_fullgraph_matches_eager(kind, forward):
     for k in gc:
         torch.testing.assert_close(gc[k], ge[k], rtol=1e-9, atol=1e-12)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_bench_stack_quick_runs(tmp_path):
+    import json
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "b.json"
+    proc = subprocess.run([sys.executable, os.path.join("benchmarks", "bench_torch.py"), "--model", "stack", "--quick",
+                           "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rec = json.loads(out.read_text())["stack"]
+    assert set(rec["paired_vs_per_layer"]) == {"tucker@layers", "cp@layers"}
+    assert rec["trainable"]["tucker@layers"] < rec["trainable"]["tucker"]
+    assert "stack tucker@layers step <= 1.3 x per-layer tucker" in proc.stdout

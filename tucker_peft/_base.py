@@ -195,6 +195,12 @@ class Parametrization(ABC):
 
     and may override, for speed or features:
 
+    - :meth:`sample_spec` — a valid spec on a shape, its choices made by a
+      given ``pick`` (property tests; default: a step of the budget family),
+      and :attr:`min_modes`, the fewest modes the kind takes;
+    - :meth:`for_energy` — the spec an energy rule picks from the smallest
+      ranks keeping a fraction of each unfolding's σ² (default: one rank from
+      mode 0);
     - :attr:`zero_block_size` — entries set to zero by the ``'zero'`` init;
     - :meth:`matched_scale` — the factor of ``scale_rule='matched'``;
     - :meth:`factored` — the three-stage form ``(P_out, S, P_in, mg)``
@@ -223,6 +229,8 @@ class Parametrization(ABC):
     principal_init: ClassVar[str | None] = None
     #: Why :meth:`lora_factors` returns None for this kind (empty if it never does).
     lora_note: ClassVar[str] = ""
+    #: The fewest modes a shape of this kind has (LoKr: 2, a matrix at least).
+    min_modes: ClassVar[int] = 1
 
     # -- the kind contract -------------------------------------------------
     @property
@@ -327,7 +335,35 @@ class Parametrization(ABC):
             return self
         from ._slice import term_slice
 
-        return term_slice(self, lead)
+        return self.memo(("member", lead), lambda: term_slice(self, lead))
+
+    def memo(self, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()``, once per spec and hashable ``key``, kept on the spec (member specs, slice plans).
+
+        Specs are immutable, so what derives from them is too. Kept on the
+        spec rather than in a global cache, it is read by ``torch.compile``
+        without tracing ``build`` (dynamo bypasses ``functools.lru_cache``),
+        once built eagerly; this spec and any spec it returns get their
+        cached properties filled for the same reason.
+        """
+        store = self.__dict__.get("_memo")
+        if store is None:
+            self.fill_cached()
+            store = self.__dict__["_memo"] = {}
+        got = store.get(key)
+        if got is None:
+            got = build()
+            if isinstance(got, Parametrization):
+                got.fill_cached()
+            store[key] = got
+        return got
+
+    def fill_cached(self) -> None:
+        """Compute every ``cached_property`` now, so that traced code (dynamo) only reads them."""
+        for cls in type(self).__mro__:
+            for name, v in vars(cls).items():
+                if isinstance(v, cached_property) and name not in self.__dict__:
+                    getattr(self, name)
 
     def slice(self, params: Mapping[str, Any], index: Sequence[int]) -> Params:
         """Params of :meth:`member` ``(len(index))`` for the slice at ``index``.
@@ -426,6 +462,64 @@ class Parametrization(ABC):
         if isinstance(v, tuple):
             return ",".join("*" if r is None else str(r) for r in v)
         return str(v)
+
+    @classmethod
+    def sample_spec(cls, shape: tuple[int, ...], pick: Callable[[Sequence[Any]], Any]) -> "Parametrization":
+        """A valid spec on ``shape`` (at least :attr:`min_modes` modes), every choice made by ``pick``.
+
+        ``pick(options)`` returns one item of a non-empty sequence (a
+        ``range`` for integers); the first item is the simplest. Property
+        tests pass hypothesis' ``draw(sampled_from(options))``
+        (:func:`tucker_peft.testing.specs`); plain random specs come from
+        ``lambda o: o[rng.integers(len(o))]``. A kind draws the variety of
+        ranks and options its tests need; the default picks ``t`` of
+        :meth:`budget_family`.
+
+        Parameters
+        ----------
+        shape : tuple of int
+        pick : callable, sequence -> item
+
+        Returns
+        -------
+        Parametrization
+            Of this kind, on ``shape``.
+        """
+        family, t_max = cls.budget_family(tuple(shape))
+        return family(pick(range(1, t_max + 1)))
+
+    @classmethod
+    def for_energy(cls, shape: tuple[int, ...], energy: Sequence[float | None],
+                   rank_of: Callable[[int, float], int]) -> "Parametrization":
+        """The spec an energy rule picks (``tucker-peft ranks/extract --energy``).
+
+        Parameters
+        ----------
+        shape : tuple of int
+            ``(I_1, ..., I_N)``.
+        energy : sequence of (float in (0, 1] or None), length N
+            The fraction of σ² to keep per mode; None where the user left the
+            mode out.
+        rank_of : callable, (n, e) -> int
+            The smallest rank of the mode-``n`` unfolding of the tensor that
+            keeps a fraction ``e`` of its σ² (computed on demand: ask only for
+            the modes the kind reads).
+
+        Returns
+        -------
+        Parametrization
+            The default takes one rank from mode 0:
+            ``for_ranks(shape, rank_of(0, energy[0]))``; per-mode kinds
+            (Tucker) read every mode.
+
+        Raises
+        ------
+        RankError
+            An energy the kind needs is None.
+        """
+        if energy[0] is None:
+            raise RankError(f"{cls.kind or cls.__name__} takes its rank from the energy of mode 0, got 'none' there")
+        return cls.for_ranks(shape, rank_of(0, energy[0]))
 
     # -- einsum letters ----------------------------------------------------
     @property
@@ -600,7 +694,8 @@ class Parametrization(ABC):
         scale = check_scale(scale)
         if scale == 1:
             return None, ops
-        k = min(range(len(ops)), key=lambda i: math.prod(ops[i].shape))
+        sizes = [math.prod(op.shape) for op in ops]  # not min(key=...): dynamo traces this
+        k = sizes.index(min(sizes))
         ops = list(ops)
         ops[k] = ops[k] * scale
         return k, ops

@@ -23,7 +23,7 @@ from ._base import Parametrization, Params
 from ._errors import TuckerPeftError
 from ._namespace import namespace
 
-__all__ = ["TermSlice", "slice_terms"]
+__all__ = ["TermSlice", "slice_terms", "fine_digits"]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -107,32 +107,34 @@ def term_slice(parent: Parametrization, lead: int) -> TermSlice:
     return TermSlice(parent.shape[lead:], parent=parent, lead=lead, max_modes=parent.max_modes)
 
 
-def _unravel(i: int, dims: tuple[int, ...]) -> tuple[int, ...]:
-    """``np.unravel_index`` in plain Python (torch.compile traces it; dynamo has no numpy version)."""
-    out = []
-    for d in reversed(dims):
-        i, r = divmod(i, d)
-        out.append(r)
-    return tuple(reversed(out))
+def fine_digits(spec: Parametrization, index: tuple[int, ...]) -> list[int]:
+    """The index of each factor of the leading modes (C order; one per mode unless a kind splits modes).
+
+    Plain integer arithmetic (not ``np.unravel_index``), which dynamo traces.
+    """
+    out: list[int] = []
+    for n, i in enumerate(index):
+        ds = []
+        for f in reversed(spec.split_shape[n]):
+            i, d = divmod(i, f)
+            ds.append(d)
+        out += reversed(ds)
+    return out
 
 
 def slice_terms(spec: Parametrization, params: Mapping[str, Any], index: tuple[int, ...]) -> Params:
     """Params of ``term_slice(spec, len(index))`` at ``index``: each operand indexed at the fixed letters."""
     xp = spec.check_params(params)
-    # The fixed letters straight from the parent's (cached) terms, not from a member made here: under
-    # torch.compile, lru_cache is bypassed and a fresh member's cached_property takes a lock dynamo cannot trace.
-    fixed = {spec.mode_symbol(n, j): (n, j) for n in range(len(index)) for j in range(len(spec.split_shape[n]))}
-    # a mode split into factors (Kronecker, tensorised trains) fixes one index per factor, C order
-    digits = [_unravel(i, spec.split_shape[n]) for n, i in enumerate(index)]
+    member = spec.member(len(index))
+    digits = fine_digits(spec, index)
     ops = spec._operands(xp, params)
     out: Params = {}
-    for op, (name, _, subs) in zip(ops, spec._term_list):
-        axes = [(a, fixed[c]) for a, c in enumerate(subs) if c in fixed]
-        if not axes:
+    for op, (name, axes, _, _) in zip(ops, member._plan):
+        if axes is None:
             out[name] = op
             continue
         key: list[Any] = [slice(None)] * op.ndim
         for a, (n, j) in axes:
-            key[a] = int(digits[n][j])
-        out[name] = op[tuple(key)]
+            key[a] = digits[spec._fine_start[n] + j]
+        out[name] = op[(*key, ...)]  # with the ellipsis NumPy keeps a 0-d array, not a scalar
     return out

@@ -9,7 +9,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from ._base import Parametrization, Params, check_rank, check_shape, register
+from ._base import Parametrization, Params, check_int, check_rank, check_shape, register
 from ._decomp import CPALS, max_cp_rank, parafac
 from ._namespace import ArrayContext, namespace
 from ._planner import contract
@@ -84,6 +84,24 @@ class CP(Parametrization):
             w = contract(eq, w, *[params[f"factor_{n + 2}"] for n in range(len(kernel))])
         return params["factor_0"], xp.reshape(w, (self.rank, 1, *kernel)), params["factor_1"], self.rank
 
+    def member(self, lead: int) -> Parametrization:
+        """``CP(shape[lead:], rank)``; the generic slice where R exceeds the member's largest CP rank."""
+        lead = check_int(lead, "lead", 0, self.ndim - 1)
+        return self.memo(("member", lead), lambda: _cp_member(self, lead)) if lead else self
+
+    def slice(self, params: Mapping[str, Any], index: Sequence[int]) -> Params:
+        """λ times the rows ``index[n]`` of the leading factors; the trailing factors renamed. Cost ``O(lead·R)``."""
+        index = self.check_index(index)
+        if not index or not isinstance(self.member(len(index)), CP):
+            return super().slice(params, index)
+        self.check_params(params)
+        w = params["weights"]
+        for n, i in enumerate(index):
+            w = w * params[f"factor_{n}"][i, :]
+        out: Params = {"weights": w}
+        out.update({f"factor_{n - len(index)}": params[f"factor_{n}"] for n in range(len(index), self.ndim)})
+        return out
+
     @cached_property
     def param_shapes(self) -> dict[str, tuple[int, ...]]:  # type: ignore[override]
         out: dict[str, tuple[int, ...]] = {"weights": (self.rank,)}
@@ -146,6 +164,18 @@ class CP(Parametrization):
             raise TuckerPeftError(f"unexpected constraints for kind 'cp': {sorted(unknown)}; it takes none")
         shape = check_shape(shape)
         return (lambda t: cls(shape, t)), max_cp_rank(shape)
+
+    @classmethod
+    def sample_spec(cls, shape: tuple[int, ...], pick: Callable[[Sequence[Any]], Any]) -> Parametrization:
+        """R in ``1..min(max_cp_rank, 6)`` (larger ranks only slow tests down)."""
+        return cls(shape, pick(range(1, min(max_cp_rank(tuple(shape)), 6) + 1)))
+
+
+def _cp_member(spec: CP, lead: int) -> Parametrization:
+    shape = spec.shape[lead:]
+    if spec.rank > max_cp_rank(shape):  # e.g. a one-mode member: only rank 1 is a CP there
+        return Parametrization.member(spec, lead)
+    return CP(shape, spec.rank, max_modes=spec.max_modes)
 
 
 def _slices(shape: tuple[int, ...], dense: Any, xp: Any) -> Params:

@@ -58,6 +58,11 @@ class LoKr(Parametrization):
     factor : int
         -1 (the split closest to √dim) or a preferred factor ``>= 1``.
     decompose_both : bool
+    effective_conv : bool
+        PEFT's ``use_effective_conv2d``: a low-rank W2 on a kernel with more
+        than one tap is a Tucker-2, ``W2 = t2 ×_1 w2_aᵀ ×_2 w2_bᵀ`` with
+        ``t2: (r, r, *kernel)``, ``w2_a: (r, b)``, ``w2_b: (r, d)``
+        (``r²·Πkernel + r·(b + d)`` parameters); ignored elsewhere, as in PEFT.
 
     Notes
     -----
@@ -71,12 +76,14 @@ class LoKr(Parametrization):
     rank: int = None  # type: ignore[assignment]
     factor: int = -1
     decompose_both: bool = False
+    effective_conv: bool = False
 
     kind: ClassVar[str] = "lokr"
     init_methods: ClassVar[Mapping[str, str]] = {"zero": "zero", "random": "random", "svd": "svd", "hosvd": "svd"}
     tensor_methods: ClassVar[frozenset[str]] = frozenset({"svd"})
     principal_init: ClassVar[str | None] = "svd"
-    lora_note: ClassVar[str] = "a Kronecker product has no low-rank unfolding in general; export to PEFT's LoKr format"
+    lora_note: ClassVar[str] = ""  # lora_factors always exists (rank rank(W1)·rank(W2), see there)
+    min_modes: ClassVar[int] = 2
 
     def __post_init__(self) -> None:
         shape = check_shape(self.shape, self.max_modes)
@@ -90,6 +97,9 @@ class LoKr(Parametrization):
         if not isinstance(self.decompose_both, (bool, np.bool_)):
             raise TuckerPeftError(f"decompose_both: expected a bool, got {self.decompose_both!r}")
         object.__setattr__(self, "decompose_both", bool(self.decompose_both))
+        if not isinstance(self.effective_conv, (bool, np.bool_)):
+            raise TuckerPeftError(f"effective_conv: expected a bool, got {self.effective_conv!r}")
+        object.__setattr__(self, "effective_conv", bool(self.effective_conv))
         object.__setattr__(self, "rank", check_rank(self.rank, f"rank (LoKr of shape {shape})", 1, 2**62))
 
     # -- structure -----------------------------------------------------------
@@ -142,6 +152,8 @@ class LoKr(Parametrization):
         out: dict[str, tuple[int, ...]] = {"w1": (a, c)} if self.full_w1 else {"w1_a": (a, r), "w1_b": (r, c)}
         if self.full_w2:
             out["w2"] = (b, d, *kernel)
+        elif self.effective:  # PEFT's layouts
+            out.update({"w2_a": (r, b), "w2_b": (r, d), "t2": (r, r, *kernel)})
         else:
             out.update({"w2_a": (b, r), "w2_b": (r, d * math.prod(kernel))})
         return out
@@ -163,6 +175,9 @@ class LoKr(Parametrization):
             out = [("w1_a", (a, r), sa + r1), ("w1_b", (r, c), r1 + sc)]
         if self.full_w2:
             out.append(("w2", (b, d, *kernel), sb + sd + sk))
+        elif self.effective:
+            r3 = self.rank_symbol(2)
+            out += [("w2_a", (r, b), r2 + sb), ("w2_b", (r, d), r3 + sd), ("t2", (r, r, *kernel), r2 + r3 + sk)]
         else:
             out += [("w2_a", (b, r), sb + r2), ("w2_b", (r, d, *kernel), r2 + sd + sk)]
         return tuple(out)
@@ -177,6 +192,7 @@ class LoKr(Parametrization):
         a, b, c, d = self.blocks
         w1 = f"{a}x{c}" if self.full_w1 else f"{a}x{c}@r{self.rank}"
         w2 = "x".join(map(str, (b, d, *self.shape[2:]))) + ("" if self.full_w2 else f"@r{self.rank}")
+        w2 += " tucker2" if self.effective else ""
         return f"{w1} kron {w2}"
 
     def peft_state(self, params: Mapping[str, Any], scale: Any = 1.0) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -189,20 +205,25 @@ class LoKr(Parametrization):
         TuckerPeftError
             For a 3-D weight (Conv1d) with a full W2: PEFT's ``torch.kron`` of
             ``(a, c)`` and ``(b, d, k)`` lays ΔW out as ``(b, a·d, c·k)``, not
-            as this kind's ``(a·b, c·d, k)``.
+            as this kind's ``(a·b, c·d, k)``; and with ``effective_conv``,
+            whose PEFT layer fails in ``torch.kron`` (peft 0.21).
         """
         if self.ndim == 3 and self.full_w2:
             raise TuckerPeftError(f"LoKr of shape {fmt_shape(self.shape)} (rank {self.rank}) has a full 3-D W2, which "
                                   "PEFT's Conv1d LoKr lays out differently (torch.kron of (a, c) and (b, d, k) is "
                                   "(b, a·d, c·k)); a rank below max(b, d)/2 exports exactly")
+        if self.effective and self.ndim == 3:
+            raise TuckerPeftError(f"LoKr of shape {fmt_shape(self.shape)} (rank {self.rank}) with effective_conv on a "
+                                  "Conv1d: PEFT 0.21's own Conv1d LoKr with use_effective_conv2d fails in torch.kron "
+                                  "(its lokr_t2 is (r, r, k, 1)); use effective_conv=False there, or save_adapter")
         xp = namespace(next(iter(params.values())))
         first = "w1" if self.full_w1 else "w1_a"
         tensors = {"lokr_" + name: (v * scale if name == first else v) for name, v in params.items()}
-        if not self.full_w2:
+        if not self.full_w2 and not self.effective:
             d = self.blocks[3]
             tensors["lokr_w2_b"] = xp.reshape(tensors["lokr_w2_b"], (self.rank, d * math.prod(self.shape[2:])))
         return tensors, {"peft_type": "LOKR", "r": self.rank, "alpha": self.rank, "decompose_both": self.decompose_both,
-                         "decompose_factor": self.factor, "use_effective_conv2d": False}
+                         "decompose_factor": self.factor, "use_effective_conv2d": self.effective_conv}
 
     # -- init ------------------------------------------------------------------
     def initialize(self, method: str, ctx: ArrayContext, rng: np.random.Generator, tensor: Any,
@@ -238,6 +259,8 @@ class LoKr(Parametrization):
             p["w1_a"], p["w1_b"] = self._truncate(xp, w1, self.rank)
         if self.full_w2:
             p["w2"] = xp.reshape(w2, (b, d, *kernel))
+        elif self.effective:
+            p.update(self._effective_w2(xp, xp.reshape(w2, (b, d, *kernel))))
         else:
             p["w2_a"], p["w2_b"] = self._truncate(xp, w2, self.rank)
         if core_mode == "zero":
@@ -259,7 +282,7 @@ class LoKr(Parametrization):
 
     @classmethod
     def budget_family(cls, shape: tuple[int, ...], *, factor: int = -1, decompose_both: bool = False,
-                      **unknown: Any) -> tuple[Callable[[int], "Parametrization"], int]:
+                      effective_conv: bool = False, **unknown: Any) -> tuple[Callable[[int], "Parametrization"], int]:
         """The ranks ``1..`` (the rank at which all blocks are full), ordered by ``num_params``.
 
         Under PEFT's rule a low-rank block can cost more than the full one
@@ -267,11 +290,78 @@ class LoKr(Parametrization):
         """
         if unknown:
             raise TuckerPeftError(f"unexpected constraints for kind 'lokr': {sorted(unknown)}; "
-                                  "expected factor=, decompose_both=")
+                                  "expected factor=, decompose_both=, effective_conv=")
         shape = check_shape(shape)
-        specs = [cls(shape, r, factor, decompose_both) for r in range(1, cls._full_rank(shape, factor, decompose_both) + 1)]
+        specs = [cls(shape, r, factor, decompose_both, effective_conv) for r in range(1, cls._full_rank(shape, factor, decompose_both) + 1)]
         specs.sort(key=lambda s: (s.num_params, s.rank))
         return (lambda t: specs[t - 1]), len(specs)
+
+    @classmethod
+    def sample_spec(cls, shape: tuple[int, ...], pick: Callable[[Sequence[Any]], Any]) -> Parametrization:
+        """rank ``1..4`` (full and low-rank blocks), factor -1 or 2, decompose_both and effective_conv either way."""
+        return cls(shape, pick(range(1, 5)), pick([-1, 2]), pick([False, True]), pick([False, True]))
+
+    def lora_factors(self, params: Mapping[str, Any], scale: Any = 1.0) -> tuple[Any, Any]:
+        """Exact ``(B, A)``: ``kron(U1, U2) @ kron(V1, V2)`` with ``W1 = U1 V1`` and ``W2 = U2 V2`` unfolded.
+
+        ΔW unfolded to ``(a·b, c·d·Πkernel)`` is ``kron(W1, W2 as (b, d·Πkernel))``,
+        so its rank is at most ``r1·r2``: each factor's rank (``rank``) when
+        low-rank, ``min`` of its sides when full. That is far more than the
+        LoKr's own parameter count suggests; exporting to PEFT's LoKr format
+        (:meth:`peft_state`) stays the compact way, and this one also holds a
+        difference such as an ``init='hosvd'`` adapter's ``f(params) - f(start)``.
+
+        Returns
+        -------
+        B : array of shape (out, r1·r2)
+        A : array of shape (r1·r2, Π shape[1:]), holding ``scale``
+        """
+        xp = namespace(next(iter(params.values())))
+        a, b, c, d = self.blocks
+        dk = d * math.prod(self.shape[2:])
+
+        def pair(full: Any, low: tuple[str, str], rows: int, cols: int) -> tuple[Any, Any]:
+            if full is None:
+                return params[low[0]], xp.reshape(params[low[1]], (-1, cols))
+            w = xp.reshape(full, (rows, cols))
+            eye = xp.eye(min(rows, cols), dtype=w.dtype, device=device(w))
+            return (eye, w) if rows <= cols else (w, eye)
+
+        def kron(x: Any, y: Any) -> Any:
+            (m, n), (p, q) = x.shape, y.shape
+            return xp.reshape(xp.reshape(x, (m, 1, n, 1)) * xp.reshape(y, (1, p, 1, q)), (m * p, n * q))
+
+        u1, v1 = pair(params.get("w1"), ("w1_a", "w1_b"), a, c)
+        if self.effective:  # W2[k, (l, p)] = Σ_i w2_a[i, k] · (Σ_j t2[i, j, p] w2_b[j, l])
+            tb = xp.tensordot(params["t2"], params["w2_b"], axes=([1], [0]))  # (r, *kernel, d)
+            u2 = xp.matrix_transpose(params["w2_a"])
+            v2 = xp.reshape(xp.permute_dims(tb, (0, tb.ndim - 1, *range(1, tb.ndim - 1))), (self.rank, dk))
+        else:
+            u2, v2 = pair(params.get("w2"), ("w2_a", "w2_b"), b, dk)
+        return kron(u1, u2), kron(v1, v2) * scale
+
+    # -- PEFT's use_effective_conv2d: a low-rank W2 on a kernel as a Tucker-2 ----------------------
+    @property
+    def effective(self) -> bool:
+        """Whether W2 is a Tucker-2 (``effective_conv``, W2 low-rank, ``Π kernel > 1``: PEFT's rule)."""
+        return self.effective_conv and not self.full_w2 and self.ndim >= 3 and math.prod(self.shape[2:]) > 1
+
+    def _effective_w2(self, xp: Any, w2: Any) -> Params:
+        """The truncated HOSVD of W2 ``(b, d, *kernel)`` on its channel modes, zero-padded to rank r."""
+        from ._decomp import hosvd
+
+        r, nk = self.rank, self.ndim - 2
+        core, (ub, ud, *_) = hosvd(w2, (min(r, w2.shape[0]), min(r, w2.shape[1]), *(None,) * nk))
+
+        def pad(x: Any, axis: int) -> Any:
+            extra = list(x.shape)
+            extra[axis] = r - x.shape[axis]
+            if extra[axis] == 0:
+                return x
+            return xp.concat([x, xp.zeros(tuple(extra), dtype=x.dtype, device=device(x))], axis=axis)
+
+        return {"w2_a": pad(xp.matrix_transpose(ub), 0), "w2_b": pad(xp.matrix_transpose(ud), 0),
+                "t2": pad(pad(core, 0), 1)}
 
 
 register("lokr", LoKr)

@@ -150,6 +150,11 @@ class LoRA(Parametrization):
         shape = check_shape(shape)
         return (lambda t: cls(shape, t)), min(shape[0], cls._k(shape))
 
+    @classmethod
+    def sample_spec(cls, shape: tuple[int, ...], pick: Callable[[Sequence[Any]], Any]) -> Parametrization:
+        """r in ``1..min(out, in·Πkernel, 6)``."""
+        return cls(shape, pick(range(1, min(shape[0], cls._k(tuple(shape)), 6) + 1)))
+
 
 register("lora", LoRA)
 

@@ -18,15 +18,15 @@ Every strategy draws small shapes so that examples run fast.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from ._base import Parametrization, lookup
+from ._errors import TuckerPeftError
 from ._namespace import ArrayContext
-from .cp import max_cp_rank
 
 __all__ = [
     "shapes",
@@ -63,56 +63,43 @@ def tucker_ranks(shape: Sequence[int], allow_none: bool = True) -> st.SearchStra
 @st.composite
 def tensorizations(draw: Any, shape: Sequence[int]) -> Any:
     """A valid ``tensorize=`` for :class:`tucker_peft.TT` on ``shape``: None, 'auto' or per-mode factors."""
-    choice = draw(st.sampled_from(["none", "auto", "split"]))
-    if choice == "none":
-        return None
-    if choice == "auto":
-        return "auto"
-    out = {}
-    for n, d in enumerate(shape):
-        divisors = [f for f in range(2, d) if d % f == 0]
-        if divisors and draw(st.booleans()):
-            f = draw(st.sampled_from(divisors))
-            out[n] = (f, d // f)
-    return out
+    from .tt import TT
+
+    return TT.sample_tensorize(tuple(shape), _picker(draw))
+
+
+def _picker(draw: Any) -> Callable[[Sequence[Any]], Any]:
+    """The ``pick`` of :meth:`Parametrization.sample_spec` as hypothesis draws (shrinking to the first option)."""
+    return lambda options: draw(st.sampled_from(options))
 
 
 @st.composite
 def specs(draw: Any, kinds: Sequence[str] = KINDS, shape: Sequence[int] | None = None,
           shape_strategy: st.SearchStrategy[tuple[int, ...]] | None = None) -> Parametrization:
-    """A valid spec of one of ``kinds`` on ``shape`` (or a drawn shape)."""
-    kind = draw(st.sampled_from(list(kinds)))
-    shp = tuple(shape) if shape is not None else draw(shape_strategy if shape_strategy is not None else shapes())
-    if kind == "tucker":
-        return lookup(kind)(shp, draw(tucker_ranks(shp)))
-    if kind == "tucker2":
-        lead = shp[: min(2, len(shp))]
-        return lookup(kind)(shp, draw(st.tuples(*(st.integers(1, d) for d in lead))))
-    if kind == "cp":
-        return lookup(kind)(shp, draw(st.integers(1, min(max_cp_rank(shp), 6))))
-    if kind in ("lora", "loha"):
-        return lookup(kind)(shp, draw(st.integers(1, min(shp[0], math.prod(shp[1:]), 6))))
-    if kind == "tt":
-        cls = lookup(kind)
-        tz = draw(tensorizations(shp))
-        if draw(st.booleans()):
-            return cls(shp, draw(st.integers(1, 6)), tz)
-        top = cls(shp, 2**30, tz)
-        bonds = [draw(st.integers(1, min(r, 6))) for r in top.ranks]
-        # Repair into a valid train: r_k <= r_{k-1}·m_k and r_k <= m_{k+1}·r_{k+1}.
-        m = top.cores
-        for k in range(len(bonds)):
-            bonds[k] = min(bonds[k], (bonds[k - 1] if k else 1) * m[k])
-        for k in reversed(range(len(bonds))):
-            bonds[k] = min(bonds[k], m[k + 1] * (bonds[k + 1] if k + 1 < len(bonds) else 1))
-        return cls(shp, tuple(bonds), tz)
-    if kind == "lokr":
-        if len(shp) < 2:
-            shp = (*shp, 2)
-        return lookup(kind)(shp, draw(st.integers(1, 4)), draw(st.sampled_from([-1, 2])), draw(st.booleans()))
-    # A third-party kind: draw from its budget family.
-    f, t_max = lookup(kind).budget_family(shp)  # type: ignore[attr-defined]
-    return f(draw(st.integers(1, t_max)))
+    """A valid spec of one of ``kinds`` on ``shape`` (or a drawn shape).
+
+    Each kind draws its own variety of ranks and options
+    (:meth:`Parametrization.sample_spec`). A drawn shape with fewer modes
+    than the kind's :attr:`~Parametrization.min_modes` gets trailing modes of
+    size 2; a given ``shape`` is kept, and kinds that cannot take it are not
+    drawn.
+    """
+    classes = [lookup(k) for k in kinds]
+    for k, c in zip(kinds, classes):
+        if not (isinstance(c, type) and issubclass(c, Parametrization)):
+            raise TuckerPeftError(f"specs: kind {k!r} is registered as {c!r}; expected a Parametrization class "
+                                  "(its sample_spec draws the ranks)")
+    if shape is not None:
+        shp = tuple(shape)
+        classes = [c for c in classes if len(shp) >= c.min_modes]
+        if not classes:
+            raise TuckerPeftError(f"specs: none of the kinds {list(kinds)} takes a shape of {len(shp)} modes, "
+                                  f"got shape {shp}")
+    cls = draw(st.sampled_from(classes))
+    if shape is None:
+        shp = draw(shape_strategy if shape_strategy is not None else shapes())
+        shp = (*shp, *(2,) * (cls.min_modes - len(shp)))
+    return cls.sample_spec(shp, _picker(draw))
 
 
 def _floats(dtype: str) -> st.SearchStrategy[float]:

@@ -15,6 +15,7 @@ from ._decomp import leading_left_singular
 from ._namespace import ArrayContext, namespace
 from ._planner import contract
 from ._errors import RankError, TuckerPeftError, fmt_shape
+from ._slice import fine_digits
 
 __all__ = ["TT", "balanced_factors"]
 
@@ -218,6 +219,36 @@ class TT(Parametrization):
     def matched_scale(self, lead: int = 0) -> float:
         return self.orthonormal_matched_scale(lead)
 
+    def member(self, lead: int) -> Parametrization:
+        """The train of the trailing cores with their bonds (``TT(shape[lead:], ranks[h:])``, h leading cores).
+
+        The generic slice where those bonds are past what the member's shape
+        allows (a bond the leading cores could fill but the member cannot).
+        """
+        lead = check_int(lead, "lead", 0, self.ndim - 1)
+        return self.memo(("member", lead), lambda: _tt_member(self, lead)) if lead else self
+
+    def slice(self, params: Mapping[str, Any], index: Sequence[int]) -> Params:
+        """The leading cores at their indices, contracted into a bond vector folded into the first trailing core.
+
+        A split leading mode fixes one index per factor (C order). Cost
+        ``O(Σ_k r_k² + r·m·r)`` for the leading cores and the first trailing one.
+        """
+        index = self.check_index(index)
+        if not index or not isinstance(self.member(len(index)), TT):
+            return super().slice(params, index)
+        xp = self.check_params(params)
+        h = self._fine_start[len(index)]
+        digits = fine_digits(self, index)
+        v = params["core_0"][0, digits[0], :]  # (r_1,): the bond vector, one matrix-vector product per core
+        for k in range(1, h):
+            v = xp.matmul(v, params[f"core_{k}"][:, digits[k], :])
+        first = params[f"core_{h}"]
+        _, m, r = first.shape
+        out: Params = {"core_0": xp.reshape(xp.matmul(v, xp.reshape(first, (v.shape[0], m * r))), (1, m, r))}
+        out.update({f"core_{k - h}": params[f"core_{k}"] for k in range(h + 1, len(self.cores))})
+        return out
+
     def describe_ranks(self) -> str:
         bonds = ",".join(map(str, self.ranks)) or "-"
         if self.tensorize is None:
@@ -297,6 +328,46 @@ class TT(Parametrization):
         split = _normalize_tensorize(shape, tensorize) or tuple((d,) for d in shape)
         top = _max_bonds(tuple(f for fs in split for f in fs))
         return (lambda t: cls(shape, t, split)), max(top, default=1)
+
+    @staticmethod
+    def sample_tensorize(shape: tuple[int, ...], pick: Callable[[Sequence[Any]], Any]) -> Any:
+        """A valid ``tensorize=`` on ``shape``: None, ``'auto'`` or some modes split in two factors."""
+        choice = pick(["none", "auto", "split"])
+        if choice != "split":
+            return None if choice == "none" else "auto"
+        out = {}
+        for n, d in enumerate(shape):
+            divisors = [f for f in range(2, d) if d % f == 0]
+            if divisors and pick([False, True]):
+                f = pick(divisors)
+                out[n] = (f, d // f)
+        return out
+
+    @classmethod
+    def sample_spec(cls, shape: tuple[int, ...], pick: Callable[[Sequence[Any]], Any]) -> Parametrization:
+        """A :meth:`sample_tensorize`, then one int bond rank in ``1..6`` or per-bond ranks
+        (each ``1..min(6, its maximum)``, repaired into a valid train)."""
+        tz = cls.sample_tensorize(shape, pick)
+        if not pick([False, True]):
+            return cls(shape, pick(range(1, 7)), tz)
+        top = cls(shape, 2**30, tz)
+        bonds = [pick(range(1, min(r, 6) + 1)) for r in top.ranks]
+        # Repair into a valid train: r_k <= r_{k-1}·m_k and r_k <= m_{k+1}·r_{k+1}.
+        m = top.cores
+        for k in range(len(bonds)):
+            bonds[k] = min(bonds[k], (bonds[k - 1] if k else 1) * m[k])
+        for k in reversed(range(len(bonds))):
+            bonds[k] = min(bonds[k], m[k + 1] * (bonds[k + 1] if k + 1 < len(bonds) else 1))
+        return cls(shape, tuple(bonds), tz)
+
+
+def _tt_member(spec: TT, lead: int) -> Parametrization:
+    h, split = spec._fine_start[lead], spec.split_shape[lead:]
+    try:
+        return TT(spec.shape[lead:], spec.ranks[h:], tensorize=split if any(len(f) > 1 for f in split) else None,
+                  max_modes=spec.max_modes)
+    except RankError:
+        return Parametrization.member(spec, lead)
 
 
 register("tt", TT)

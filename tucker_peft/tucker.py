@@ -10,7 +10,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from ._base import Parametrization, Params, check_rank, check_shape, mode_ranks, register
+from ._base import Parametrization, Params, check_int, check_rank, check_shape, mode_ranks, register
 from ._decomp import hooi, hooi_sweep, hosvd
 from ._namespace import ArrayContext, namespace
 from ._planner import contract
@@ -90,6 +90,38 @@ class Tucker(Parametrization):
         r0, r1 = self.ranks[:2]
         return (params["factor_0"] if r0 is not None else None, core * scale,
                 params["factor_1"] if r1 is not None else None, 1)
+
+    def member(self, lead: int) -> Parametrization:
+        """``Tucker(shape[lead:], ranks[lead:])``: a member of a stack keeps the Tucker form (and :meth:`factored`).
+
+        A Tucker-2 stack's member is a plain Tucker too: its leading (channel)
+        modes are the stack's, so the member factorises at most its first mode.
+        """
+        lead = check_int(lead, "lead", 0, self.ndim - 1)
+        return self.memo(("member", lead), lambda: _tucker_member(self, lead)) if lead else self
+
+    def slice(self, params: Mapping[str, Any], index: Sequence[int]) -> Params:
+        """The core contracted with row ``index[n]`` of each leading factor (indexed where a rank is None).
+
+        One matrix-vector product, ``O(Π core_shape)``; the trailing factors
+        are the member's, renamed.
+        """
+        index = self.check_index(index)
+        if not index:
+            return dict(params)
+        xp = self.check_params(params)
+        key, rows, names, tail = self.memo(("slice", len(index)), lambda: _tucker_slice_plan(self, len(index)))
+        core = params["core"]
+        if key:
+            core = core[tuple(index[n] if n in key else slice(None) for n in range(len(index))) + (...,)]
+        if rows:  # the leading rows' outer product (Π r_n) times the core unfolded: one matrix product
+            v = params[f"factor_{rows[0]}"][index[rows[0]], :]
+            for n in rows[1:]:
+                v = xp.reshape(v[:, None] * params[f"factor_{n}"][index[n], :][None, :], (-1,))
+            core = xp.reshape(xp.matmul(v, xp.reshape(core, (v.shape[0], -1))), tail)
+        out: Params = {"core": core}
+        out.update({new: params[old] for new, old in names})
+        return out
 
     @cached_property
     def core_shape(self) -> tuple[int, ...]:
@@ -200,6 +232,30 @@ class Tucker(Parametrization):
         pinned = _pinned(shape, kernel, fixed)
         return _family(cls, shape, pinned, split)
 
+    @classmethod
+    def sample_spec(cls, shape: tuple[int, ...], pick: Callable[[Sequence[Any]], Any]) -> Parametrization:
+        """Each mode's rank: None (unfactorised) or ``1..I_n``."""
+        return cls(shape, tuple(pick([None, *range(1, d + 1)]) for d in shape))
+
+    @classmethod
+    def for_energy(cls, shape: tuple[int, ...], energy: Sequence[float | None],
+                   rank_of: Callable[[int, float], int]) -> Parametrization:
+        """One rank per mode from that mode's energy; a None energy leaves the mode unfactorised."""
+        return cls(shape, tuple(None if e is None else rank_of(n, e) for n, e in enumerate(energy)))
+
+
+def _tucker_member(spec: Tucker, lead: int) -> Tucker:
+    return Tucker(spec.shape[lead:], spec.ranks[lead:], max_modes=spec.max_modes)
+
+
+def _tucker_slice_plan(spec: Tucker, lead: int) -> tuple[frozenset[int], tuple[int, ...], tuple[tuple[str, str], ...],
+                                                          tuple[int, ...]]:
+    """``(unfactorised leading modes, factored ones, renames, the member's core shape)``."""
+    key = frozenset(n for n in range(lead) if spec.ranks[n] is None)
+    rows = tuple(n for n in range(lead) if n not in key)
+    names = tuple((f"factor_{n - lead}", f"factor_{n}") for n in range(lead, spec.ndim) if spec.ranks[n] is not None)
+    return key, rows, names, spec.core_shape[lead:]
+
 
 def _pinned(shape: tuple[int, ...], kernel: str, fixed: Mapping[int, int | None] | None) -> dict[int, int | None]:
     if kernel not in ("free", "full", "none"):
@@ -276,6 +332,17 @@ class Tucker2(Tucker):
         shape = check_shape(shape)
         pinned = _pinned(shape, "none", fixed)
         return _family(cls, shape, pinned, split, build=lambda ranks: cls(shape, ranks))
+
+    @classmethod
+    def sample_spec(cls, shape: tuple[int, ...], pick: Callable[[Sequence[Any]], Any]) -> Parametrization:
+        """The channel modes' ranks, each ``1..I_n``."""
+        return cls(shape, tuple(pick(range(1, d + 1)) for d in shape[:2]))
+
+    @classmethod
+    def for_energy(cls, shape: tuple[int, ...], energy: Sequence[float | None],
+                   rank_of: Callable[[int, float], int]) -> Parametrization:
+        """As :meth:`Tucker.for_energy` on the two channel modes; the energies of modes 2.. are not read."""
+        return cls(shape, tuple(None if e is None else rank_of(n, e) for n, e in enumerate(energy[:2])))
 
 
 register("tucker", Tucker)

@@ -28,7 +28,6 @@ import numpy as np
 from . import UsageError, printable
 from ._ranks import (
     KINDS,
-    PER_MODE_ENERGY,
     RULE_HELP,
     SELECTION_RULE,
     NoSpec,
@@ -37,6 +36,7 @@ from ._ranks import (
     add_quiet_arg,
     add_selection_args,
     energy_arg,
+    energy_spec,
     kind_name,
     match_arg,
     nonneg_int,
@@ -74,12 +74,14 @@ BASE, TUNED: a .safetensors file, a directory holding model.safetensors or a
 known to the registry.
 
 {RULE_HELP}
-  --energy E        the smallest ranks keeping a fraction E of dW's energy:
-                    tucker/tucker2 per mode (tucker_peft.ranks.by_energy on each
-                    unfolding); cp/lora take the smallest rank r whose leading
-                    r singular values of the mode-0 unfolding (out, rest) keep E
-                    (exact for lora; for cp only a heuristic, as CP rank r
-                    cannot always reach it). E may be a comma list per mode,
+  --energy E        the smallest ranks keeping a fraction E of dW's energy, as
+                    the kind reads it (its for_energy): tucker per mode and
+                    tucker2 on the channel modes (tucker_peft.ranks.by_energy on
+                    each unfolding); every other built-in kind takes the
+                    smallest rank r whose leading r singular values of the
+                    mode-0 unfolding (out, rest) keep E (exact for lora; for
+                    the others a heuristic, their rank r cannot always reach
+                    it). E may be a comma list per mode,
                     'none' leaving a mode unfactorised; the last entry repeats
                     for the remaining modes (0.9,0.9,none: Tucker-2 on a conv).
 A tensor whose budget is below the kind's smallest spec is skipped and reported.
@@ -368,7 +370,7 @@ def _fmt_err(x: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tucker_peft import TuckerPeftError, __version__
+    from tucker_peft import RankError, TuckerPeftError, __version__
 
     base = open_source(args.base, "BASE")
     tuned = open_source(args.tuned, "TUNED")
@@ -378,13 +380,17 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise TuckerPeftError("extract writes safetensors: pip install safetensors") from None
     rule = Rule.from_args(args)
-    if rule.energy is not None and args.kind not in PER_MODE_ENERGY and rule.energy[0] is None:
-        raise UsageError(f"argument --energy: {args.kind} takes its rank from the energy of mode 0, got 'none' there")
     common, problems = _pair_up(base, tuned, args)
     if not common:
         raise TuckerPeftError(f"no adaptable tensor is in both BASE and TUNED with the same shape "
                               f"({len(problems)} mismatched; rule: 2 <= ndim <= 12, floating, name matching "
                               f"{args.include.pattern!r})")
+    if rule.energy is not None:  # the kind accepts the energies on every shape, before any tensor is read
+        for shape in dict.fromkeys(tuple(base.shape(n)) for n in common):
+            try:
+                energy_spec(args.kind, shape, rule.energy)
+            except RankError as exc:
+                raise UsageError(f"argument --energy: {exc}") from None
 
     t_start = time.perf_counter()
     records: list[dict[str, Any]] = []

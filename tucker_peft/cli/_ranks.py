@@ -22,9 +22,6 @@ HELP = "per tensor: the ranks and parameter count of each kind at one budget"
 
 #: The kinds ``ranks`` shows by default, in display order (any registered kind or 'module:Class' is accepted).
 KINDS = ("tucker", "tucker2", "cp", "lora")
-#: Kinds whose --energy rule takes one rank per mode (by_energy on each unfolding); every other kind takes
-#: one rank from the energy of mode 0. Per-mode energy is a Tucker notion the kind contract has no member for.
-PER_MODE_ENERGY = ("tucker", "tucker2")
 #: Default name rule of adaptable tensors.
 DEFAULT_INCLUDE = r"weight$"
 
@@ -222,13 +219,40 @@ def energy_per_mode(energy: Sequence[float | None], ndim: int) -> list[float | N
     return [energy[min(n, len(energy) - 1)] for n in range(ndim)]
 
 
+def energy_spec(kind: str, shape: tuple[int, ...], energy: Sequence[float | None], tensor: Any = None) -> Any:
+    """The spec of ``kind`` that the energy rule picks on ``tensor`` (the kind's ``for_energy``).
+
+    Without ``tensor`` every rank the kind asks for is 1: a check, before any
+    tensor is read, that the kind accepts ``energy`` on ``shape``.
+
+    Raises
+    ------
+    tucker_peft.RankError
+        The kind needs an energy that is 'none'.
+    """
+    from tucker_peft._base import lookup
+    from tucker_peft.ranks import by_energy
+
+    shape = tuple(int(d) for d in shape)
+
+    def rank_of(n: int, e: float) -> int:
+        if tensor is None:
+            return 1
+        r = by_energy(tensor, [e if m == n else None for m in range(len(shape))])[n]
+        assert r is not None
+        return r
+
+    return lookup(kind).for_energy(shape, energy_per_mode(energy, len(shape)), rank_of)
+
+
 def spec_for(kind: str, shape: tuple[int, ...], rule: Rule, tensor: Any = None) -> Any:
     """The spec of ``kind`` on ``shape`` that ``rule`` picks (``tensor`` is needed for energy).
 
     Raises
     ------
     NoSpec
-        The budget is below the kind's smallest spec.
+        The budget is below the kind's smallest spec, or the kind needs an
+        energy that is 'none'.
     """
     import tucker_peft as tp
 
@@ -236,18 +260,10 @@ def spec_for(kind: str, shape: tuple[int, ...], rule: Rule, tensor: Any = None) 
     if rule.energy is not None:
         if tensor is None:
             raise ValueError("energy rule needs the tensor")
-        per_mode = energy_per_mode(rule.energy, len(shape))
-        if kind == "tucker":
-            return tp.Tucker(shape, tp.ranks.by_energy(tensor, per_mode))
-        if kind == "tucker2":
-            r = tp.ranks.by_energy(tensor, per_mode[:2] + [None] * (len(shape) - 2))
-            return tp.Tucker2(shape, r[:2])
-        # every other kind: the smallest rank keeping the energy of the mode-0 unfolding.
-        if per_mode[0] is None:
-            raise NoSpec(f"{kind} takes its rank from the energy of mode 0, which is 'none'")
-        r0 = tp.ranks.by_energy(tensor, [per_mode[0]] + [None] * (len(shape) - 1))[0]
-        assert r0 is not None
-        return reference_spec(kind, shape, r0)
+        try:
+            return energy_spec(kind, shape, rule.energy, tensor)
+        except tp.RankError as exc:
+            raise NoSpec(str(exc)) from None
     if rule.budget is not None:
         budget, what = rule.budget, f"budget {rule.budget:,}"
     else:

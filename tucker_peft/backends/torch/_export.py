@@ -268,7 +268,7 @@ def export_peft_lora(model: nn.Module, path: str | os.PathLike, adapter_name: st
             pair = {"lora_A.weight": a, "lora_B.weight": b}
             key, prefix = p, f"base_model.model.{prefixes[p]}"
         for k, v in pair.items():
-            tensors[f"{prefix}.{k}"] = v.to("cpu", dt).contiguous()
+            tensors[f"{prefix}.{k}"] = v.to("cpu", dt, copy=True).contiguous()  # stack members share factors
         r = next(iter(pair.values())).shape[0]  # lora_A (r, ...) or lora_embedding_A (r, num)
         ranks[key] = r // d.spec.shape[0] if isinstance(h, DeltaParametrization) and d.spec.ndim == 3 else r
         sizes.append((key, sum(v.numel() for v in pair.values()), math.prod(d.spec.shape)))
@@ -354,7 +354,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
         other than ``'zeros'``, an ``init='hosvd'`` adapter (its start ΔW₀ is
         subtracted, which these formats cannot), layers whose non-rank fields
         differ (LoKr's ``factor`` / ``decompose_both`` are global in PEFT), a
-        Conv1d LoKr with a full W2; extra trained base parameters unless
+        Conv1d LoKr with a full W2 or effective_conv; extra trained base parameters unless
         ``ignore_trainable``; and what :func:`export_peft_lora` refuses.
         Nothing is written then.
     """

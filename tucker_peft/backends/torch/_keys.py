@@ -69,7 +69,7 @@ def base_keys_on_save(layer: Any, state_dict: dict[str, Any], prefix: str, local
         own.append(k)
     own.reverse()
     items = [(k, state_dict.pop(k)) for k in own]
-    offset = _offset(layer, dict(items), prefix) if "adapters." in "".join(own) else None
+    offset = _offset(layer, dict(items), prefix)  # a stack member has no adapter keys of its own, but an offset
     for k, v in items:
         if k.startswith(prefix + _BASE):
             rest = k[len(prefix + _BASE):]

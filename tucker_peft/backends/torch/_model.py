@@ -244,11 +244,8 @@ def plan(model: nn.Module, config: AdapterConfig, adapter_name: str) -> list[Tar
 def _plan_groups(model: nn.Module, config: AdapterConfig, paths: dict[str, str],
                  weights: dict[str, tuple[nn.Module, str, torch.Tensor]]) -> list[_stack.Group]:
     """The stack groups among the targets ``paths`` (see :mod:`._stack`)."""
-    rows = []
-    for path, name in paths.items():
-        w = weights[path][2]
-        owner = path.rsplit(".", 1)[0] if "." in path else ""
-        rows.append((name, path, w, name if name != path else owner))
+    rows = [(name, path, weights[path][2], path.rsplit(".", 1)[0] if "." in path else "")  # the weight's module
+            for path, name in paths.items()]
     return _stack.plan(model, config, rows, lambda group, spec, scale, t, w: _init_params(
         spec, scale, t, config, f"stack group {group}", _adapter_dtype(w)))
 
@@ -629,10 +626,8 @@ class Summary:
 
 
 def _ranks_text(spec: Parametrization) -> str:
-    r = getattr(spec, "ranks", None)
-    if r is not None:
-        return "(" + ", ".join("-" if x is None else str(x) for x in r) + ")"
-    return str(getattr(spec, "rank", "?"))
+    """The ranks as the kind shows them (the contract's ``describe_ranks``, as in the CLI)."""
+    return spec.describe_ranks()
 
 
 def _clipped(d: DeltaWeight, layer: str) -> bool:

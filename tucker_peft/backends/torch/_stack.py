@@ -324,18 +324,14 @@ class StackMember(DeltaWeight):
     """
 
     def __init__(self, group: StackedDelta, index: tuple[int, ...]) -> None:
-        nn.Module.__init__(self)
         self.__dict__["stacked"] = group  # not in _modules: no second copy of the group's params
-        self.index = tuple(int(i) for i in index)
-        self.spec = group.spec.member(len(self.index))
-        self.scale = group.scale
-        self.forward_mode = group.forward_mode
-        self.config = group.config
+        self.__dict__["index"] = tuple(int(i) for i in index)
+        # DeltaWeight's own set-up (forward mode, dropout, the three-stage check on this member's slice),
+        # with no params of its own: ``params`` below is the group's.
+        super().__init__(group.spec.member(len(self.index)), group.scale, {}, dropout=group.dropout_p,
+                         forward=group.forward_mode, config=group.config)
+        del self._modules["params"]
         self.init_names = group.init_names
-        self.dropout = nn.Dropout(group.dropout_p) if group.dropout_p > 0 else None
-        self._structured = len(self.spec.shape) >= 2 and self.spec.factored(self.param_dict(), self.scale) is not None
-        self._costs: dict[Any, tuple[int, int, int]] = {}
-        self._staged: bool | None = None
 
     stacked: StackedDelta
 
@@ -351,15 +347,6 @@ class StackMember(DeltaWeight):
     def init_params(self) -> dict[str, torch.Tensor]:
         g = self.stacked
         return g.spec.slice(g.init_params(), self.index) if g.init_names else {}
-
-    def delta_weight(self) -> torch.Tensor:
-        """``s·ΔW`` of the member; under torch.compile a member without a three-stage form is the plain
-        ``torch.einsum`` of its einsum terms (the core's planned contraction does not trace)."""
-        if self._structured or not torch.compiler.is_compiling():
-            return super().delta_weight()
-        spec = self.spec
-        dw = torch.einsum(spec._recon_eq, *spec._operands(torch, self.param_dict())) * self.scale
-        return dw.reshape(spec.shape)
 
     def extra_repr(self) -> str:
         return f"member {self.index} of stack {self.stacked.group!r}: {self.spec!r}, scale={self.scale}"
