@@ -231,7 +231,8 @@ class Results:
         """The summary as an aligned text table, then :meth:`verdicts`."""
         m = self.metric
         headers = ["budget", "kind", "adapter params", "best lr", f"val {m}", f"test {m} (mean ± std)",
-                   f"Δ vs {_reference_label(self.config)} (paired)", "95% CI of Δ", f"seeds for Δ={self.config.get('detect', 0.01):g}",
+                   f"Δ vs {_reference_label(self.config)} (paired)", "95% CI of Δ",
+                   f"seeds for Δ={self.config.get('detect', 0.01):g}",
                    "step ms", "step / lora", "saved MB", "failed"]
         body = []
         for s in self.summary:
@@ -246,7 +247,8 @@ class Results:
         arrow = "↑" if self.higher_is_better else "↓"
         m = self.metric
         out = [f"| budget | kind | adapter params | best lr | val {m} | test {m} {arrow} (mean ± std) | "
-               f"Δ test vs {_reference_label(self.config)} (paired) | 95% CI of Δ | seeds for Δ={self.config.get('detect', 0.01):g} | "
+               f"Δ test vs {_reference_label(self.config)} (paired) | 95% CI of Δ | "
+               f"seeds for Δ={self.config.get('detect', 0.01):g} | "
                "step ms | step / lora | saved MB | failed runs |",
                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for s in self.summary:
