@@ -26,7 +26,8 @@ DOCS = Path(__file__).resolve().parent
 MANIFEST = DOCS / "assets" / "compare_tables.json"
 PAGE = DOCS / "compare.md"
 #: The settings that change a table's numbers (threads, output folder and the like do not).
-KEYS = ("task", "kinds", "steps", "batch_size", "seeds", "budgets", "alpha", "scale_rule", "lrs", "data")
+KEYS = ("task", "kinds", "steps", "batch_size", "seeds", "budgets", "alpha", "scale_rule", "lrs", "data", "stack",
+        "reference")
 STALE_MARK = "**Stale**"
 
 

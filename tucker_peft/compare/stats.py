@@ -157,11 +157,13 @@ def _ratio_median(rows: list[dict[str, Any]]) -> float | None:
 
 
 def summarise(rows: list[dict[str, Any]], chosen: dict[tuple[str, str], float], higher: bool,
-              detect: float = 0.01) -> list[dict[str, Any]]:
+              detect: float = 0.01, reference: tuple[str, str | None] = ("lora", None)) -> list[dict[str, Any]]:
     """One row per (budget, kind): the selected lr's val/test mean ± std over seeds, and the paired difference.
 
-    ``vs_lora_*``: the test metric minus LoRA's at the same budget and seed,
-    each kind at its own selected lr: mean, std, a 95% interval
+    ``vs_lora_*``: the test metric minus the reference's at the same seed
+    (``reference = (kind, budget)``; budget None: the row's own budget;
+    default LoRA at each budget), each at its own selected lr: mean, std, a
+    95% interval
     (:func:`paired_ci`), whether it contains 0, and the seeds a paired t test
     would need to detect a difference of ``detect`` at that spread
     (:func:`seeds_needed`). ``step_ratio_lora``: median over interleaving
@@ -173,9 +175,10 @@ def summarise(rows: list[dict[str, Any]], chosen: dict[tuple[str, str], float], 
         every = [r for r in rows if (r["budget"], r["kind"]) == (budget, kind)]
         vm, vs = mean_std([r["val"] for r in sel])
         tm, ts = mean_std([r["test"] for r in sel])
-        ref = [r for r in rows if (r["budget"], r["kind"], r["lr"]) == (budget, "lora", chosen.get((budget, "lora")))]
+        key = (reference[1] or budget, reference[0])
+        ref = [r for r in rows if (r["budget"], r["kind"], r["lr"]) == (*key, chosen.get(key))]
         diffs: list[float] = []
-        if kind != "lora" and ref:
+        if (budget, kind) != key and ref:
             by_seed = {r["seed"]: r["test"] for r in ref}
             diffs = [r["test"] - by_seed[r["seed"]] for r in sel if r["seed"] in by_seed
                      and r["test"] is not None and by_seed[r["seed"]] is not None

@@ -13,7 +13,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from .._errors import TuckerPeftError
 
-__all__ = ["Task", "check_task", "metric_value", "build_model"]
+__all__ = ["Task", "check_task", "metric_value", "build_model", "stack_sets", "DEFAULT_STACK_SET"]
+
+#: The name a task's single stack (``{group: regex}``) goes by: variants ``tucker@layers``, ``--stack layers``.
+DEFAULT_STACK_SET = "layers"
 
 
 class Task:
@@ -46,9 +49,13 @@ class Task:
     trainable : str or list of str or None
         Extra parameters every kind trains alike (a fresh head), as
         ``AdapterConfig.trainable``.
-    stack : None
-        Cross-layer adapters (one tensor over several layers). Planned, not
-        built yet: a task that sets it is refused with a clear error.
+    stack : dict, optional
+        Cross-layer adapters (``AdapterConfig.stack``): ``{group: regex}``
+        with named captures (``(?P<layer>\\d+)``), one set called
+        ``'layers'``; or named sets, ``{set name: {group: regex}}``. Unused
+        unless a run asks for it: ``run(stack='layers')`` (``--stack
+        layers``) adds, for each kind K, the variant ``K@layers``, the kind on
+        the stacked groups (targets in no group stay per layer).
     steps, batch_size : int
         Defaults of :func:`~tucker_peft.compare.run`'s ``steps`` and of the
         batch size :meth:`train_batches` uses (``run(batch_size=...)`` sets
@@ -159,9 +166,7 @@ def check_task(task: Any) -> None:
     missing = [m for m in ("build_model", "loss", "evaluate", "train_batches") if not callable(getattr(task, m, None))]
     if missing:
         raise TuckerPeftError(f"{what}: expected the methods of tucker_peft.compare.Task, missing {', '.join(missing)}")
-    if getattr(task, "stack", None) is not None:
-        raise TuckerPeftError(f"{what}: stack={task.stack!r} asks for cross-layer adapters, which are planned but "
-                              "not implemented yet; leave Task.stack = None")
+    stack_sets(getattr(task, "stack", None), f"{what}: stack")
     tm = getattr(task, "target_modules", None)
     if not (isinstance(tm, str) and tm) and not (isinstance(tm, (list, tuple)) and tm
                                                   and all(isinstance(t, str) and t for t in tm)):
@@ -171,6 +176,41 @@ def check_task(task: Any) -> None:
     if not isinstance(getattr(task, "higher_is_better", None), bool):
         raise TuckerPeftError(f"{what}: higher_is_better: expected a bool, got "
                               f"{getattr(task, 'higher_is_better', None)!r}")
+
+
+def stack_sets(stack: Any, what: str = "stack") -> dict[str, dict[str, str]]:
+    """Named stack sets from a task's (or :func:`~tucker_peft.compare.run`'s) ``stack``.
+
+    Parameters
+    ----------
+    stack : None, dict of str to str, or dict of str to dict of str to str
+        None; one set ``{group: regex}`` (named :data:`DEFAULT_STACK_SET`);
+        or named sets ``{set name: {group: regex}}``.
+    what : str
+        Label of ``stack`` in the error message.
+
+    Returns
+    -------
+    dict of str to dict of str to str
+        ``{set name: {group: regex}}`` ({} for None). The regexes are checked
+        by ``AdapterConfig(stack=...)`` when a run uses the set.
+    """
+    if stack is None:
+        return {}
+    expected = ("expected None, {group: regex} (one set, called 'layers') or {set name: {group: regex}}, got ")
+    if not isinstance(stack, Mapping) or not stack:
+        raise TuckerPeftError(f"{what}: {expected}{stack!r:.200}")
+    if all(isinstance(v, str) for v in stack.values()):
+        stack = {DEFAULT_STACK_SET: stack}
+    out = {}
+    for name, groups in stack.items():
+        if not (isinstance(name, str) and name.isidentifier()):
+            raise TuckerPeftError(f"{what}: set names must be identifiers (as in 'tucker@layers'), got {name!r:.80}")
+        if not isinstance(groups, Mapping) or not groups or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in groups.items()):
+            raise TuckerPeftError(f"{what}: {expected}{stack!r:.200}")
+        out[name] = dict(groups)
+    return out
 
 
 def build_model(task: Any, seed: int) -> Any:

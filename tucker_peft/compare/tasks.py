@@ -53,7 +53,7 @@ from ..cli._models import minilm_tokenizer, resolve_model
 from .task import Task
 
 __all__ = ["BUILTIN_TASKS", "DEFAULT_TASK", "CRNNTask", "MiniLMTask", "TinyTask", "builtin_task", "TASKS", "TaskInfo",
-           "Prepared", "prepare", "DATA_SEED", "edit_distance"]
+           "Prepared", "prepare", "DATA_SEED", "edit_distance", "MINILM_TARGETS", "MINILM_STACK"]
 
 #: Seed of the data split and of the rendered/synthetic samples (fixed: training seeds vary only training).
 DATA_SEED = 20240
@@ -299,6 +299,14 @@ def _prepare_crnn(s: dict[str, Any], progress: Callable[[str], None]) -> Prepare
 
 MINILM_TARGETS = (r"layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|"
                   r"intermediate\.dense|output\.dense)")
+#: ``--stack layers`` on minilm: one tensor per weight shape across the adapted layers. q, k, v and the attention
+#: output (384×384 each) stack on modes (layer, role); the MLP's intermediate (1536×384) and output (384×1536)
+#: dense, whose shapes differ, stack on the layer mode each.
+MINILM_STACK = {
+    "attn": r"(?:.*\.)?layer\.(?P<layer>\d+)\.attention\.(?P<role>self\.query|self\.key|self\.value|output\.dense)",
+    "mlp_in": r"(?:.*\.)?layer\.(?P<layer>\d+)\.intermediate\.dense",
+    "mlp_out": r"(?:.*\.)?layer\.(?P<layer>\d+)\.output\.dense",
+}
 
 
 def vader_lexicon() -> tuple[list[str], np.ndarray]:
@@ -568,7 +576,12 @@ class _Builtin(Task):
 
 
 class CRNNTask(_Builtin):
-    """khmer-ocr-ocm CRNN on Khmer text lines under a domain shift; metric CER (see the module docstring)."""
+    """khmer-ocr-ocm CRNN on Khmer text lines under a domain shift; metric CER (see the module docstring).
+
+    No built-in ``stack``: a group's members must share one weight shape, and
+    no two of the CRNN's convs do (64×1, 128×64, 256×128, 256×256, 512×256,
+    512×512 with 3×3 kernels, 512×512 with 2×2).
+    """
 
     name = "crnn"
     target_modules = r"cnn\.(21|26)"
@@ -594,6 +607,7 @@ class MiniLMTask(_Builtin):
     name = "minilm"
     target_modules = MINILM_TARGETS
     trainable = r"head\.(weight|bias)"
+    stack = MINILM_STACK
     steps, batch_size, seeds, budgets, lrs = 100, 32, (0, 1, 2), ("lora:4",), (3e-3, 1e-2, 3e-2)
     full = {"steps": 600, "seeds": [0, 1, 2, 3, 4], "budgets": ["lora:1", "lora:4", "lora:16"],
             "data": {"adapt_layers": 6}}
@@ -607,7 +621,10 @@ class MiniLMTask(_Builtin):
 
 
 class TinyTask(_Builtin):
-    """A random 3-conv net fitting a low-rank-shifted teacher on Gaussian inputs (tests); metric relative MSE."""
+    """A random 3-conv net fitting a low-rank-shifted teacher on Gaussian inputs (tests); metric relative MSE.
+
+    No built-in ``stack``: its three convs (16×3, 32×16, 32×32, 3×3) differ in shape.
+    """
 
     name = "tiny"
     target_modules = r"(0|2|4)"
