@@ -318,6 +318,34 @@ def test_group_params_live_once_on_the_common_ancestor():
     assert text.count("qkv (stack of 9)") == 2 and "stack layer=3×role=3" in text and "(3, 3, 6, 6)" in text
 
 
+@pytest.mark.parametrize("init", ["zero", "hosvd"])
+def test_a_root_sequential_never_calls_the_group(init, tmp_path):
+    """The members' common ancestor is a plain nn.Sequential model: it would call a child ModuleDict in its
+    forward, so the group sits on the first member's layer; train, state_dict, save/load, delete all hold."""
+    def make() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+
+    cfg = AdapterConfig(kind="tucker", ranks=2, target_modules=r"(0|2)", stack={"g": r"(?P<layer>0|2)"}, init=init)
+    x = _x()
+    ref = make()(x)
+    model = inject(make(), cfg)
+    assert len(model) == 5 and not any("adapter_stacks" in n for n, _ in model.named_children())
+    torch.testing.assert_close(model(x), ref, rtol=1e-10, atol=1e-12)
+    _randomise(model)
+    y = model(x)
+    assert not torch.allclose(y, ref)
+    other = inject(make(), cfg)
+    other.load_state_dict(model.state_dict())  # strict: the same keys both ways
+    torch.testing.assert_close(other(x), y, rtol=1e-10, atol=1e-12)
+    save_adapter(model, tmp_path)
+    loaded = load_adapter(make(), tmp_path)
+    torch.testing.assert_close(loaded(x), y, rtol=1e-10, atol=1e-12)
+    delete_adapter(model, "default")
+    torch.testing.assert_close(model(x), ref, rtol=1e-10, atol=1e-12)
+    assert not list(stacks(model)) and not any("adapter" in k for k in model.state_dict())
+
+
 def test_merge_unmerge_merge_and_unload():
     model = inject(_net(), _cfg())
     _randomise(model)

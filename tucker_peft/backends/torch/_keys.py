@@ -27,7 +27,7 @@ import torch
 __all__ = ["base_keys_on_save", "base_keys_on_load", "attach_owner_hooks"]
 
 _BASE = "base_layer."
-_OWN = ("adapters.", _BASE)
+_OWN = ("adapters.", "adapter_stacks.", _BASE)  # a stack group may sit on a member layer (see _stack.owner_path)
 
 
 def _offset(layer: Any, sd: dict[str, Any], prefix: str) -> torch.Tensor | None:

@@ -321,21 +321,9 @@ def _attach(model: nn.Module, targets: list[Target], adapter_name: str, config: 
             undo: list[Callable[[], None]]) -> None:
     weights = _named_weights(model)
     groups: dict[int, _stack.StackedDelta] = {}  # one module per group, made at its first member
-    for t in targets:
-        mod, attr, w = weights[t.path]
-        hook = _hook(mod, attr)
-        if hook is None:
-            if isinstance(mod, supported_types()) and attr == "weight" and t.path in (f"{t.module_path}.weight",) \
-                    and not parametrize.is_parametrized(mod):
-                hook = AdaptedLayer(mod, t.module_path)
-                _set_module(model, t.module_path, hook)
-                undo.append(lambda path=t.module_path, mod=mod: _set_module(model, path, mod))
-            else:
-                had = parametrize.is_parametrized(mod, attr)
-                hook = DeltaParametrization(t.path)
-                parametrize.register_parametrization(mod, attr, hook, unsafe=True)
-                attach_owner_hooks(mod)  # plain state-dict key for the parameter (see _keys.py)
-                undo.append(lambda mod=mod, attr=attr, had=had: _unregister(mod, attr, had))
+    hooks = [_hook_for(model, weights, t, undo) for t in targets]  # every hook first: a group may sit on one
+    for t, hook in zip(targets, hooks):
+        w = weights[t.path][2]
         if t.group is not None:
             sd = groups.get(id(t.group))
             if sd is None:
@@ -352,6 +340,27 @@ def _attach(model: nn.Module, targets: list[Target], adapter_name: str, config: 
             _add_(w, delta.init_delta(), -1.0)
         hook.adapters[adapter_name] = delta
         undo.append(lambda hook=hook: hook.adapters.pop(adapter_name))
+
+
+def _hook_for(model: nn.Module, weights: dict[str, tuple[nn.Module, str, torch.Tensor]], t: Target,
+              undo: list[Callable[[], None]]) -> AdaptedLayer | DeltaParametrization:
+    """The hook on ``t``'s weight, made (an AdaptedLayer, else a parametrization) if there is none yet."""
+    mod, attr, _ = weights[t.path]
+    hook = _hook(mod, attr)
+    if hook is not None:
+        return hook
+    if isinstance(mod, supported_types()) and attr == "weight" and t.path == f"{t.module_path}.weight" \
+            and not parametrize.is_parametrized(mod):
+        layer = AdaptedLayer(mod, t.module_path)
+        _set_module(model, t.module_path, layer)
+        undo.append(lambda path=t.module_path, mod=mod: _set_module(model, path, mod))
+        return layer
+    had = parametrize.is_parametrized(mod, attr)
+    p = DeltaParametrization(t.path)
+    parametrize.register_parametrization(mod, attr, p, unsafe=True)
+    attach_owner_hooks(mod)  # plain state-dict key for the parameter (see _keys.py)
+    undo.append(lambda mod=mod, attr=attr, had=had: _unregister(mod, attr, had))
+    return p
 
 
 def _unregister(mod: nn.Module, attr: str, had: bool) -> None:

@@ -146,7 +146,8 @@ def grid(group: str, mode_names: list[str], members: list[tuple[str, tuple[str, 
 
 def owner_path(module_paths: list[str], model: nn.Module) -> str:
     """Where a group's module goes: the deepest common ancestor of the members that is a strict ancestor of
-    each and not a container (a ModuleList or Sequential would iterate over it).
+    each and not a container (a ModuleList or Sequential would iterate over it); the first member's own
+    module where the model itself is a container.
 
     Registered there, outside every member layer, FSDP2 per-layer units never own the group's parameters:
     they fall in the unit that encloses all members (or the root), gathered once for all of them.
@@ -161,6 +162,10 @@ def owner_path(module_paths: list[str], model: nn.Module) -> str:
         common = common[: min(len(p) for p in parts) - 1]
     while common and isinstance(model.get_submodule(".".join(common)), _CONTAINERS):
         common.pop()
+    if not common and isinstance(model, _CONTAINERS):
+        # The model itself is a Sequential (or a list): it would call (or yield) the group. Its first member's
+        # layer holds it instead; its forward never looks at other children.
+        return module_paths[0]
     return ".".join(common)
 
 
