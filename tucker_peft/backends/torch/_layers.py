@@ -46,6 +46,18 @@ def _transposed(views: tuple[Any, torch.Tensor, Any, int]) -> tuple[Any, torch.T
     return p_in, (s if mg > 1 else s.T), p_out, mg
 
 
+def hold_params(module: nn.Module, params: Mapping[str, torch.Tensor],
+                init_params: Mapping[str, torch.Tensor] | None) -> None:
+    """Give ``module`` trainable ``params`` (a ParameterDict) and, for an 'hosvd' start, the params ΔW started
+    from as buffers ``init_<name>`` (named in ``module.init_names``)."""
+    module.params = nn.ParameterDict({k: nn.Parameter(v) for k, v in params.items()})
+    module.init_names = ()
+    if init_params is not None:
+        for k, v in init_params.items():
+            module.register_buffer(f"init_{k}", v)
+        module.init_names = tuple(init_params)
+
+
 class DeltaWeight(nn.Module):
     """One adapter's ΔW on one weight: ``s · spec.reconstruct(params)``.
 
@@ -74,12 +86,7 @@ class DeltaWeight(nn.Module):
         self.scale = float(scale)
         self.forward_mode = forward
         self.config = config
-        self.params = nn.ParameterDict({k: nn.Parameter(v) for k, v in params.items()})
-        self.init_names: tuple[str, ...] = ()
-        if init_params is not None:
-            for k, v in init_params.items():
-                self.register_buffer(f"init_{k}", v)
-            self.init_names = tuple(init_params)
+        hold_params(self, params, init_params)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         # Kinds with a three-stage form (Parametrization.factored) get the fused/factorised ops; others rebuild.
         self._structured = len(spec.shape) >= 2 and spec.factored(self.param_dict(), self.scale) is not None

@@ -26,7 +26,7 @@ from ... import ranks as _ranks
 from ..._base import Parametrization
 from ..._errors import RankError, TuckerPeftError, fmt_shape
 from ._config import AdapterConfig, LayerTooSmall, _spec_for_ranks, pattern_matches
-from ._layers import DeltaWeight
+from ._layers import DeltaWeight, hold_params
 
 __all__ = ["StackedDelta", "StackMember", "Group"]
 
@@ -297,12 +297,7 @@ class StackedDelta(nn.Module):
         self.forward_mode = forward
         self.dropout_p = dropout
         self.config = config
-        self.params = nn.ParameterDict({k: nn.Parameter(v) for k, v in params.items()})
-        self.init_names: tuple[str, ...] = ()
-        if init_params is not None:
-            for k, v in init_params.items():
-                self.register_buffer(f"init_{k}", v)
-            self.init_names = tuple(init_params)
+        hold_params(self, params, init_params)
 
     @property
     def lead(self) -> int:
