@@ -7,7 +7,6 @@ against a recomputation from the runs.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re
@@ -19,7 +18,9 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from tucker_peft import TuckerPeftError, cli  # noqa: E402
-from tucker_peft.compare import Task, parse_reference, run  # noqa: E402
+from tucker_peft.compare import parse_reference, run  # noqa: E402
+
+from .test_compare import ConvTask  # noqa: E402
 from tucker_peft.compare.plots import variant_styles  # noqa: E402
 
 C, K = 8, 3  # every adapted conv: (C, C, K, K)
@@ -40,16 +41,12 @@ class Blocks(nn.Module):
         return x.mean(dim=(2, 3))
 
 
-class StackTask(Task):
-    """A user's task with a stack: the four convs in one group, modes (layer, role)."""
+class StackTask(ConvTask):
+    """A user's task with a stack: the four convs in one group, modes (layer, role); the rest as ConvTask."""
 
     name = "user-stack"
-    metric = "mse"
-    higher_is_better = False
     target_modules = r"blocks\.\d+\.(a|b)"
     stack = {"convs": r"blocks\.(?P<layer>\d+)\.(?P<role>a|b)"}
-    steps, batch_size, seeds, budgets, lrs = 3, 8, (0, 1), ("lora:1",), (1e-2,)
-    train_size = 32
 
     def prepare(self):
         g = torch.Generator().manual_seed(0)
@@ -59,23 +56,6 @@ class StackTask(Task):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
             self.x = torch.randn(64, C, 5, 5, generator=g)
             self.y = self.net(self.x) + 0.1 * torch.randn(64, C, generator=g)
-
-    def build_model(self, seed):
-        m = copy.deepcopy(self.net)
-        for p in m.parameters():
-            p.requires_grad_(False)
-        return m
-
-    def batch(self, idx):
-        return self.x[idx], self.y[idx]
-
-    def loss(self, model, batch):
-        return ((model(batch[0]) - batch[1]) ** 2).mean()
-
-    def evaluate(self, model, split):
-        sl = slice(32, 48) if split == "val" else slice(48, 64)
-        with torch.no_grad():
-            return float(self.loss(model, (self.x[sl], self.y[sl])))
 
 
 STACKED = (2, 2, C, C, K, K)  # (layer, role, out, in, k, k)
